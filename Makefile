@@ -1,0 +1,42 @@
+# freqdiff: the two commands a newcomer runs are `make exp` and `make test` (see README.md).
+SHELL := /bin/bash
+VENV ?= .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed
+EXP ?= quickstart
+ARGS ?=
+DRY ?=
+PYTEST_ARGS ?=
+
+.PHONY: install exp test test-all bench board lint format clean-runs
+
+# Install once: torch==2.13.0 first (a local CPU wheel here), then the project with the same pin as a
+# constraint so that no dependency can pull another torch. Re-runs only when pyproject.toml changes.
+install: $(STAMP)
+$(STAMP): pyproject.toml constraints.txt
+	@test -x $(PY) || python3 -m venv $(VENV)
+	$(PY) -m pip install -q --disable-pip-version-check torch==2.13.0
+	$(PY) -m pip install -q --disable-pip-version-check -c constraints.txt -e ".[dev]"
+	$(PY) -c "import freqdiff._torchvision_compat as m; m.write_pth()"
+	@touch $(STAMP)
+
+exp: install
+	DRY=$(DRY) $(PY) -m experiments run $(EXP) $(ARGS)
+
+test: install
+	$(PY) -m pytest -q $(PYTEST_ARGS)
+
+test-all: install
+	$(PY) -m pytest -q -m "" $(PYTEST_ARGS)
+
+bench: install
+	$(PY) -m benchmarks
+
+board: install
+	$(VENV)/bin/tensorboard --logdir runs --host 127.0.0.1
+
+lint: install
+	$(VENV)/bin/ruff check . && $(VENV)/bin/ruff format --check .
+
+format: install
+	$(VENV)/bin/ruff format . && $(VENV)/bin/ruff check --fix .
