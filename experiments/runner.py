@@ -1,0 +1,153 @@
+"""The composition root: config -> data, module, callbacks, trainer; run folders; resume (DESIGN.md §3, §6).
+
+Run folder: ``<run.root>/<experiment>/<run.name>/`` holds ``config.yaml`` (the resolved config),
+TensorBoard events, ``checkpoints/last.ckpt`` and ``samples/``. Running the same experiment again
+resumes from ``last.ckpt``; a config that differs from the saved one is refused, naming the keys,
+except keys that may change on resume (``RESUMABLE_KEYS``). ``run.resume=false`` starts over under a
+new name (``default-2``, ``default-3``, ...).
+"""
+
+from __future__ import annotations
+
+import inspect
+import os
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+import torch
+from lightning.pytorch.callbacks import ModelCheckpoint, OnExceptionCheckpoint
+from lightning.pytorch.loggers import TensorBoardLogger
+from omegaconf import DictConfig, OmegaConf
+
+from callbacks.checkpoint import CONFIG_KEY, AtomicCheckpointIO, EmbedConfig
+from freqdiff.config import ConfigError, instantiate
+
+# keys whose change does not alter what is trained: allowed when resuming
+RESUMABLE_KEYS = ("trainer.max_steps", "trainer.log_every_n_steps", "trainer.enable_progress_bar", "run.resume")
+RESUMABLE_SUFFIXES = ("every_n_steps",)
+
+
+def flatten(d: Any, prefix: str = "") -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    if isinstance(d, dict):
+        for k, v in d.items():
+            out.update(flatten(v, f"{prefix}{k}."))
+        if not d and prefix:
+            out[prefix[:-1]] = {}
+    else:
+        out[prefix[:-1]] = d
+    return out
+
+
+def config_diff(old: dict, new: dict) -> list[str]:
+    """Keys whose values differ between two resolved configs, except those allowed on resume."""
+    a, b = flatten(old), flatten(new)
+    keys = sorted(set(a) | set(b))
+    return [
+        f"{k}: {a.get(k, '<absent>')!r} -> {b.get(k, '<absent>')!r}"
+        for k in keys
+        if a.get(k, "<absent>") != b.get(k, "<absent>")
+        and k not in RESUMABLE_KEYS
+        and not k.endswith(RESUMABLE_SUFFIXES)
+    ]
+
+
+def run_dir_for(cfg: DictConfig) -> Path:
+    return Path(cfg.run.root) / str(cfg.experiment) / str(cfg.run.name)
+
+
+def prepare_run_dir(cfg: DictConfig) -> tuple[DictConfig, Path, str | None]:
+    """Pick the run folder, check resume compatibility; returns (cfg, run_dir, ckpt_path or None)."""
+    run_dir = run_dir_for(cfg)
+    if not cfg.run.resume and run_dir.exists() and any(run_dir.iterdir()):
+        base, k = str(cfg.run.name), 2
+        while (run_dir.parent / f"{base}-{k}").exists():
+            k += 1
+        cfg.run.name = f"{base}-{k}"
+        run_dir = run_dir_for(cfg)
+        print(f"run.resume=false: starting over in {run_dir}")
+    saved = run_dir / "config.yaml"
+    new = OmegaConf.to_container(cfg, resolve=True)
+    if saved.exists():
+        diff = config_diff(OmegaConf.to_container(OmegaConf.load(saved), resolve=True), new)
+        if diff:
+            raise ConfigError(
+                f"{run_dir} holds a run with a different config; refusing to resume into it. Changed keys:\n  "
+                + "\n  ".join(diff)
+                + "\nUse run.resume=false to start over under a new name, or run.name=... for another run."
+            )
+    last = run_dir / "checkpoints" / "last.ckpt"
+    return cfg, run_dir, (str(last) if last.exists() else None)
+
+
+def write_atomic(path: Path, text: str) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+def build_trainer(cfg: DictConfig, run_dir: Path, extra_callbacks: list) -> L.Trainer:
+    kwargs = OmegaConf.to_container(cfg.trainer, resolve=True)
+    allowed = set(inspect.signature(L.Trainer.__init__).parameters) - {"self", "logger", "callbacks", "plugins"}
+    for k in kwargs:
+        if k not in allowed:
+            raise ConfigError(f"trainer.{k}: not an argument of lightning.Trainer")
+    logger = TensorBoardLogger(save_dir=str(run_dir.parent.parent), name=str(cfg.experiment), version=str(cfg.run.name))
+    ckpt_dir = run_dir / "checkpoints"
+    checkpointing = [
+        ModelCheckpoint(
+            dirpath=ckpt_dir,
+            save_last=True,
+            save_top_k=0,
+            every_n_train_steps=int(cfg.run.checkpoint_every_n_steps),
+            save_on_train_epoch_end=False,
+        ),
+        OnExceptionCheckpoint(dirpath=ckpt_dir, filename="last"),
+        EmbedConfig(OmegaConf.to_container(cfg, resolve=True)),
+    ]
+    return L.Trainer(
+        **kwargs,
+        logger=logger,
+        callbacks=checkpointing + extra_callbacks,
+        plugins=[AtomicCheckpointIO()],
+        default_root_dir=str(run_dir),
+    )
+
+
+def run(cfg: DictConfig) -> dict[str, Any]:
+    """Train (or resume) the experiment; returns {run_dir, trainer, module, datamodule}."""
+    cfg, run_dir, ckpt_path = prepare_run_dir(cfg)
+    L.seed_everything(int(cfg.run.seed), workers=True, verbose=False)
+    torch.set_float32_matmul_precision("high")
+    datamodule = instantiate(cfg.data, "data")
+    module = instantiate(cfg.module, "module")
+    callbacks = [instantiate(node, f"callbacks.{k}") for k, node in cfg.callbacks.items()]
+    trainer = build_trainer(cfg, run_dir, callbacks)
+    if trainer.is_global_zero:
+        write_atomic(run_dir / "config.yaml", OmegaConf.to_yaml(cfg, resolve=True))
+    if ckpt_path:
+        print(f"resuming from {ckpt_path}")
+    trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path)
+    return {"run_dir": run_dir, "trainer": trainer, "module": module, "datamodule": datamodule}
+
+
+def find_checkpoint(path: str | Path) -> Path:
+    p = Path(path)
+    if p.is_dir():
+        p = p / "checkpoints" / "last.ckpt"
+    if not p.is_file():
+        raise FileNotFoundError(f"no checkpoint at {p} (expected a run folder with checkpoints/last.ckpt or a .ckpt)")
+    return p
+
+
+def load_run(path: str | Path, map_location: str = "cpu"):
+    """Rebuild a trained module from a run folder or checkpoint; returns (module in eval mode, config)."""
+    ckpt = torch.load(find_checkpoint(path), map_location=map_location, weights_only=False)
+    if CONFIG_KEY not in ckpt:
+        raise ValueError(f"{path}: checkpoint has no embedded freqdiff config")
+    cfg = OmegaConf.create(ckpt[CONFIG_KEY])
+    module = instantiate(cfg.module, "module")
+    module.load_state_dict(ckpt["state_dict"])
+    return module.eval(), cfg

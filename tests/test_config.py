@@ -1,0 +1,82 @@
+"""Configs: strict keys, `_target_` errors naming the path, every experiment instantiates (DESIGN.md §3)."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from omegaconf import OmegaConf
+
+from freqdiff.config import EXPERIMENTS_DIR, ConfigError, instantiate, load
+
+EXPERIMENTS = sorted(p.stem for p in EXPERIMENTS_DIR.glob("*.yaml") if not p.stem.startswith("_"))
+
+
+def shrink(exp: str, tmp_path: Path) -> list[str]:
+    """Overrides that make any experiment small enough to instantiate on the CPU in a test."""
+    cfg = load(exp, [f"data.path={tmp_path / 'data'}"])
+    out = [f"data.path={tmp_path / 'data'}", f"run.root={tmp_path / 'runs'}"]
+    if "preset" in cfg.module.get("net", {}):
+        out.append("module.net.preset=tiny")
+    return out
+
+
+@pytest.mark.parametrize("exp", EXPERIMENTS)
+def test_every_experiment_loads_and_instantiates(exp, tmp_path):
+    cfg = load(exp, shrink(exp, tmp_path))
+    assert cfg.experiment == exp
+    data = instantiate(cfg.data, "data")
+    module = instantiate(cfg.module, "module")
+    callbacks = [instantiate(v, f"callbacks.{k}") for k, v in cfg.callbacks.items()]
+    assert hasattr(module, "loss") and hasattr(module, "sample") and hasattr(data, "train_dataloader")
+    assert callbacks
+
+
+def test_base_is_merged_and_overrides_apply():
+    cfg = load("quickstart", ["trainer.max_steps=7", "data.resolution=16"])
+    assert cfg.trainer.max_steps == 7
+    assert cfg.trainer.precision == "bf16-mixed"  # from _base.yaml
+    assert cfg.module.net.resolution == 16 and cfg.module.process.resolution == 16  # interpolation
+
+
+def test_unknown_override_key_is_an_error_with_a_suggestion():
+    with pytest.raises(ConfigError, match=r"unknown config key 'trainer\.max_step'.*'trainer\.max_steps'"):
+        load("quickstart", ["trainer.max_step=10"])
+    cfg = load("quickstart", ["+module.extra_key=1"])  # '+' adds on purpose
+    assert cfg.module.extra_key == 1
+
+
+def test_bad_constructor_argument_names_the_config_path(tmp_path):
+    cfg = load("quickstart", ["+module.process.sigmma=3"])
+    with pytest.raises(ConfigError, match=r"module\.process: GaussianProcess .*'sigmma'"):
+        instantiate(cfg.module, "module")
+    cfg = OmegaConf.create({"x": {"_target_": "freqdiff.nope.Missing"}})
+    with pytest.raises(ConfigError, match=r"x: cannot import _target_ 'freqdiff.nope.Missing'"):
+        instantiate(cfg.x, "x")
+
+
+def test_unknown_experiment_lists_close_names():
+    with pytest.raises(ConfigError, match="quickstart"):
+        load("quickstar")
+
+
+def test_dry_run_prints_resolved_config():
+    out = subprocess.run(
+        [sys.executable, "-m", "experiments", "run", "quickstart", "trainer.max_steps=3"],
+        capture_output=True,
+        text=True,
+        env={**__import__("os").environ, "DRY": "1"},
+        cwd=EXPERIMENTS_DIR.parent,
+    )
+    assert out.returncode == 0, out.stderr
+    cfg = OmegaConf.create(out.stdout)
+    assert cfg.trainer.max_steps == 3 and cfg.module.net.resolution == cfg.data.resolution
+    bad = subprocess.run(
+        [sys.executable, "-m", "experiments", "run", "quickstart", "trainer.max_stepz=3", "--dry"],
+        capture_output=True,
+        text=True,
+        cwd=EXPERIMENTS_DIR.parent,
+    )
+    assert bad.returncode == 2 and "trainer.max_stepz" in bad.stderr
