@@ -116,15 +116,21 @@ def build_trainer(cfg: DictConfig, run_dir: Path, extra_callbacks: list) -> L.Tr
     )
 
 
-def run(cfg: DictConfig) -> dict[str, Any]:
-    """Train (or resume) the experiment; returns {run_dir, trainer, module, datamodule}."""
+def run(cfg: DictConfig, callbacks: list | None = None) -> dict[str, Any]:
+    """Train (or resume) the experiment; returns {run_dir, trainer, module, datamodule}.
+
+    ``callbacks`` are added to the ones the config names (for tests and scripts).
+    """
+    missing = sorted(OmegaConf.missing_keys(cfg))
+    if missing:
+        raise ConfigError(f"missing required config values: {', '.join(missing)} (give them as key=value)")
     cfg, run_dir, ckpt_path = prepare_run_dir(cfg)
     L.seed_everything(int(cfg.run.seed), workers=True, verbose=False)
     torch.set_float32_matmul_precision("high")
     datamodule = instantiate(cfg.data, "data")
     module = instantiate(cfg.module, "module")
-    callbacks = [instantiate(node, f"callbacks.{k}") for k, node in cfg.callbacks.items()]
-    trainer = build_trainer(cfg, run_dir, callbacks)
+    cbs = [instantiate(node, f"callbacks.{k}") for k, node in cfg.callbacks.items()] + list(callbacks or [])
+    trainer = build_trainer(cfg, run_dir, cbs)
     if trainer.is_global_zero:
         write_atomic(run_dir / "config.yaml", OmegaConf.to_yaml(cfg, resolve=True))
     if ckpt_path:
