@@ -1,0 +1,19 @@
+"""Metrics on images and spectra (METHODS.md §5: RAPS, spectral log-distance, power-law fits)."""
+
+from freqdiff.metrics.spectra import (
+    KAISER_BETA,
+    fit_power_law,
+    per_frequency_snr,
+    power_spectrum_2d,
+    raps,
+    spectral_distance,
+)
+
+__all__ = [
+    "KAISER_BETA",
+    "fit_power_law",
+    "per_frequency_snr",
+    "power_spectrum_2d",
+    "raps",
+    "spectral_distance",
+]
