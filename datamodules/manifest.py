@@ -1,0 +1,282 @@
+"""Shard-set manifests and a deterministic tar-shard writer (DESIGN.md §4 Data).
+
+Every dataset, real or synthetic, is a folder of WebDataset tar shards plus one ``manifest.json``:
+
+    {
+      "format": "freqdiff-shards/1",
+      "count": 20000,                       # samples in all shards
+      "resolutions": [32],                  # every sample stores one PNG per resolution
+      "channels": 3,                        # 1 (grey) or 3 (RGB)
+      "labels": null,                       # or the class names; samples then hold "cls" = index
+      "filter": "...",                      # how images were resized / rendered
+      "source": "...",                      # where they came from
+      "shards": [{"name": "shard-000000.tar", "count": 2000, "bytes": 5140480, "sha256": "..."}],
+      "skipped": {"count": 0, "items": []}, # inputs left out (unreadable, too small, ...)
+      "params": {...}                       # optional: generator / converter parameters
+    }
+
+A sample is a group of tar members sharing the key ``"%08d" % index`` (its position in the whole
+set): ``<key>.<res>.png`` for every resolution (lossless PNG, so a round trip is exact) and
+``<key>.cls`` (the label index as ASCII) when the set has labels.
+
+Writes are atomic (temporary name, then ``os.replace``) and deterministic: the same samples give
+byte-identical shards (fixed mtime, owner and mode; PNG has no time stamp), so two processes that
+write the same data concurrently leave identical files, and the sha256 in the manifest is a stable
+identity for the data (e.g. for cached FID reference statistics).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import os
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import webdataset as wds
+from PIL import Image
+
+FORMAT = "freqdiff-shards/1"
+MANIFEST = "manifest.json"
+SHARD_PATTERN = "shard-{:06d}.tar"
+_MTIME = 0  # fixed tar member mtime: byte-identical shards for identical input
+_REQUIRED = ("format", "count", "resolutions", "channels", "labels", "shards")
+
+
+def write_manifest(folder: str | os.PathLike, manifest: dict[str, Any]) -> Path:
+    """Write ``folder/manifest.json`` atomically (temporary file + ``os.replace``); returns its path."""
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    _check_manifest(manifest, folder / MANIFEST)
+    text = json.dumps(manifest, indent=2, sort_keys=False) + "\n"
+    return _atomic_write(folder / MANIFEST, text.encode("utf-8"))
+
+
+def read_manifest(path_or_folder: str | os.PathLike) -> dict[str, Any]:
+    """Read and validate a manifest, given its file or its folder.
+
+    Raises FileNotFoundError (naming the path) when it is missing, ValueError when it is malformed.
+    """
+    path = Path(path_or_folder)
+    if path.is_dir() or path.suffix != ".json":
+        path = path / MANIFEST
+    if not path.is_file():
+        raise FileNotFoundError(f"no shard manifest at {path}")
+    try:
+        manifest = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ValueError(f"malformed shard manifest {path}: {e}") from e
+    _check_manifest(manifest, path)
+    return manifest
+
+
+def _check_manifest(m: Any, path: Path) -> None:
+    where = f"shard manifest {path}"
+    if not isinstance(m, dict):
+        raise ValueError(f"{where}: expected a JSON object, got {type(m).__name__}")
+    missing = [k for k in _REQUIRED if k not in m]
+    if missing:
+        raise ValueError(f"{where}: missing keys {missing}")
+    if m["format"] != FORMAT:
+        raise ValueError(f"{where}: format {m['format']!r}, expected {FORMAT!r}")
+    res = m["resolutions"]
+    if not (isinstance(res, list) and res and all(isinstance(r, int) and r > 0 for r in res)):
+        raise ValueError(f"{where}: resolutions must be a non-empty list of positive ints, got {res!r}")
+    if m["channels"] not in (1, 3):
+        raise ValueError(f"{where}: channels must be 1 or 3, got {m['channels']!r}")
+    if m["labels"] is not None and not isinstance(m["labels"], list):
+        raise ValueError(f"{where}: labels must be null or a list of class names, got {m['labels']!r}")
+    shards = m["shards"]
+    if not isinstance(shards, list) or not all(
+        isinstance(s, dict) and "name" in s and "count" in s for s in shards
+    ):
+        raise ValueError(f"{where}: shards must be a list of {{name, count, bytes, sha256}} objects")
+    total = sum(s["count"] for s in shards)
+    if total != m["count"]:
+        raise ValueError(f"{where}: count {m['count']} but the shards hold {total} samples")
+
+
+def check_shards(folder: str | os.PathLike, manifest: dict[str, Any], sha256: bool = False) -> None:
+    """Check that every shard of ``manifest`` exists in ``folder`` with its recorded size (and hash).
+
+    Cheap without ``sha256``; raises FileNotFoundError / ValueError naming the shard.
+    """
+    for s in manifest["shards"]:
+        p = Path(folder) / s["name"]
+        if not p.is_file():
+            raise FileNotFoundError(f"shard {p} listed in {Path(folder) / MANIFEST} is missing")
+        if "bytes" in s and p.stat().st_size != s["bytes"]:
+            raise ValueError(f"shard {p}: {p.stat().st_size} bytes, manifest says {s['bytes']}")
+        if sha256 and "sha256" in s and file_sha256(p) != s["sha256"]:
+            raise ValueError(f"shard {p}: sha256 differs from the manifest (corrupt or rewritten)")
+
+
+def shard_urls(folder: str | os.PathLike, manifest: dict[str, Any]) -> list[str]:
+    """Absolute paths of the manifest's shards, in manifest order."""
+    return [str(Path(folder).resolve() / s["name"]) for s in manifest["shards"]]
+
+
+def file_sha256(path: str | os.PathLike) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def encode_png(img: np.ndarray) -> bytes:
+    """Lossless PNG bytes of a uint8 image ``[H, W]``, ``[H, W, 1]`` or ``[H, W, 3]``."""
+    if img.dtype != np.uint8:
+        raise ValueError(f"encode_png expects uint8, got {img.dtype}")
+    if img.ndim == 3 and img.shape[2] == 1:
+        img = img[:, :, 0]
+    if not (img.ndim == 2 or (img.ndim == 3 and img.shape[2] == 3)):
+        raise ValueError(f"encode_png expects [H, W], [H, W, 1] or [H, W, 3], got {img.shape}")
+    buf = io.BytesIO()
+    Image.fromarray(img).save(buf, format="PNG", compress_level=6)
+    return buf.getvalue()
+
+
+def decode_png(data: bytes, channels: int) -> np.ndarray:
+    """PNG bytes -> uint8 ``[H, W, channels]`` (converted to grey or RGB as asked)."""
+    with Image.open(io.BytesIO(data)) as im:
+        mode = "RGB" if channels == 3 else "L"
+        if im.mode != mode:
+            im = im.convert(mode)
+        x = np.asarray(im)
+    return x if x.ndim == 3 else x[:, :, None]
+
+
+def sample_dict(index: int, images: dict[int, np.ndarray], label: int | None = None) -> dict[str, Any]:
+    """A tar sample: key ``"%08d" % index``, one ``"{res}.png"`` per image, optional ``"cls"``.
+
+    ``images`` maps resolution -> uint8 ``[res, res, C]``; the key must match the image size.
+    """
+    sample: dict[str, Any] = {"__key__": f"{index:08d}"}
+    for res, img in images.items():
+        if img.shape[0] != res or img.shape[1] != res:
+            raise ValueError(f"sample {index}: image for resolution {res} has shape {img.shape}")
+        sample[f"{res}.png"] = encode_png(img)
+    if label is not None:
+        sample["cls"] = str(int(label)).encode("ascii")
+    return sample
+
+
+class ShardWriter:
+    """Streams samples into ``folder/shard-NNNNNN.tar``, at most ``shard_size`` samples per shard.
+
+    Each shard is written under a temporary name and renamed when complete; ``close()`` returns the
+    manifest's shard list (name, count, bytes, sha256). Use as a context manager::
+
+        with ShardWriter(folder, shard_size=2000) as w:
+            for i, img in enumerate(images):
+                w.write(sample_dict(i, {32: img}))
+        manifest = {..., "count": w.count, "shards": w.shards}
+    """
+
+    def __init__(self, folder: str | os.PathLike, shard_size: int = 2000, pattern: str = SHARD_PATTERN):
+        if shard_size < 1:
+            raise ValueError(f"shard_size must be >= 1, got {shard_size}")
+        self.folder = Path(folder)
+        self.folder.mkdir(parents=True, exist_ok=True)
+        self.shard_size = shard_size  # samples per shard
+        self.pattern = pattern  # shard file name, formatted with the shard index
+        self.shards: list[dict[str, Any]] = []
+        self.count = 0  # samples written in all shards
+        self._tar: wds.TarWriter | None = None
+        self._tmp: Path | None = None
+        self._in_shard = 0
+
+    def write(self, sample: dict[str, Any]) -> None:
+        if self._tar is None:
+            self._open()
+        self._tar.write(sample)
+        self._in_shard += 1
+        self.count += 1
+        if self._in_shard >= self.shard_size:
+            self._finish()
+
+    def close(self) -> list[dict[str, Any]]:
+        if self._tar is not None:
+            self._finish()
+        return self.shards
+
+    def __enter__(self) -> ShardWriter:
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        if exc_type is None:
+            self.close()
+        elif self._tar is not None:  # failed: drop the partial shard
+            self._tar.close()
+            self._tmp.unlink(missing_ok=True)
+            self._tar = None
+
+    def _open(self) -> None:
+        name = self.pattern.format(len(self.shards))
+        fd, tmp = tempfile.mkstemp(prefix=f".{name}.", suffix=".tmp", dir=self.folder)
+        os.close(fd)
+        self._tmp = Path(tmp)
+        self._tar = wds.TarWriter(str(self._tmp), mtime=_MTIME, user="freqdiff", group="freqdiff")
+        self._in_shard = 0
+
+    def _finish(self) -> None:
+        self._tar.close()
+        name = self.pattern.format(len(self.shards))
+        final = self.folder / name
+        os.chmod(self._tmp, 0o644)  # mkstemp makes 0600; shards are data others may read
+        os.replace(self._tmp, final)
+        self.shards.append(
+            {
+                "name": name,
+                "count": self._in_shard,
+                "bytes": final.stat().st_size,
+                "sha256": file_sha256(final),
+            }
+        )
+        self._tar, self._tmp = None, None
+
+
+def make_manifest(
+    *,
+    count: int,
+    resolutions: list[int],
+    channels: int,
+    shards: list[dict[str, Any]],
+    labels: list[str] | None = None,
+    filter: str = "",
+    source: str = "",
+    skipped: list[str] | None = None,
+    params: dict[str, Any] | None = None,
+) -> dict[str, Any]:
+    """A manifest dict in the canonical key order (see the module docstring)."""
+    m: dict[str, Any] = {
+        "format": FORMAT,
+        "count": int(count),
+        "resolutions": sorted(int(r) for r in resolutions),
+        "channels": int(channels),
+        "labels": labels,
+        "filter": filter,
+        "source": source,
+        "shards": shards,
+        "skipped": {"count": len(skipped or []), "items": list(skipped or [])},
+    }
+    if params is not None:
+        m["params"] = params
+    return m
+
+
+def _atomic_write(path: Path, data: bytes) -> Path:
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+        os.chmod(tmp, 0o644)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return path
