@@ -34,3 +34,24 @@ class EmbedConfig(L.Callback):
 
     def on_save_checkpoint(self, trainer, pl_module, checkpoint: dict[str, Any]) -> None:
         checkpoint[CONFIG_KEY] = self.config
+
+
+class CheckpointOnException(L.Callback):
+    """On an exception (Ctrl-C, an error in a step, ...) save ``last.ckpt`` so the run resumes from there.
+
+    Lightning's ``OnExceptionCheckpoint`` deletes its file again at teardown, which would delete
+    ``last.ckpt``; this one keeps it. Weights that are no longer finite are not saved (the previous
+    ``last.ckpt`` is worth more than a diverged state).
+    """
+
+    def __init__(self, path: str | Path):  # where to write, e.g. <run>/checkpoints/last.ckpt
+        self.path = Path(path)
+
+    def on_exception(self, trainer, pl_module, exception: BaseException) -> None:
+        if trainer.global_step == 0:
+            return
+        if not all(torch.isfinite(p).all() for p in pl_module.parameters()):
+            print(f"not checkpointing after {type(exception).__name__}: the weights are not finite")
+            return
+        trainer.save_checkpoint(self.path)
+        print(f"{type(exception).__name__} at step {trainer.global_step}: saved {self.path}")

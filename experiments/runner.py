@@ -16,15 +16,20 @@ from typing import Any
 
 import lightning as L
 import torch
-from lightning.pytorch.callbacks import ModelCheckpoint, OnExceptionCheckpoint
+from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.loggers import TensorBoardLogger
 from omegaconf import DictConfig, OmegaConf
 
-from callbacks.checkpoint import CONFIG_KEY, AtomicCheckpointIO, EmbedConfig
-from freqdiff.config import ConfigError, instantiate
+from callbacks.checkpoint import CONFIG_KEY, AtomicCheckpointIO, CheckpointOnException, EmbedConfig
+from freqdiff.config import ConfigError, instantiate, load
 
 # keys whose change does not alter what is trained: allowed when resuming
-RESUMABLE_KEYS = ("trainer.max_steps", "trainer.log_every_n_steps", "trainer.enable_progress_bar", "run.resume")
+RESUMABLE_KEYS = (
+    "trainer.max_steps",
+    "trainer.log_every_n_steps",
+    "trainer.enable_progress_bar",
+    "run.resume",
+)
 RESUMABLE_SUFFIXES = ("every_n_steps",)
 
 
@@ -90,11 +95,18 @@ def write_atomic(path: Path, text: str) -> None:
 
 def build_trainer(cfg: DictConfig, run_dir: Path, extra_callbacks: list) -> L.Trainer:
     kwargs = OmegaConf.to_container(cfg.trainer, resolve=True)
-    allowed = set(inspect.signature(L.Trainer.__init__).parameters) - {"self", "logger", "callbacks", "plugins"}
+    allowed = set(inspect.signature(L.Trainer.__init__).parameters) - {
+        "self",
+        "logger",
+        "callbacks",
+        "plugins",
+    }
     for k in kwargs:
         if k not in allowed:
             raise ConfigError(f"trainer.{k}: not an argument of lightning.Trainer")
-    logger = TensorBoardLogger(save_dir=str(run_dir.parent.parent), name=str(cfg.experiment), version=str(cfg.run.name))
+    logger = TensorBoardLogger(
+        save_dir=str(run_dir.parent.parent), name=str(cfg.experiment), version=str(cfg.run.name)
+    )
     ckpt_dir = run_dir / "checkpoints"
     checkpointing = [
         ModelCheckpoint(
@@ -104,7 +116,7 @@ def build_trainer(cfg: DictConfig, run_dir: Path, extra_callbacks: list) -> L.Tr
             every_n_train_steps=int(cfg.run.checkpoint_every_n_steps),
             save_on_train_epoch_end=False,
         ),
-        OnExceptionCheckpoint(dirpath=ckpt_dir, filename="last"),
+        CheckpointOnException(ckpt_dir / "last.ckpt"),
         EmbedConfig(OmegaConf.to_container(cfg, resolve=True)),
     ]
     return L.Trainer(
@@ -114,6 +126,18 @@ def build_trainer(cfg: DictConfig, run_dir: Path, extra_callbacks: list) -> L.Tr
         plugins=[AtomicCheckpointIO()],
         default_root_dir=str(run_dir),
     )
+
+
+def resolve_data_resolution(cfg: DictConfig, exp: str, overrides: list[str]) -> DictConfig:
+    """``data.resolution: null`` means "the manifest's (largest) resolution": read it, reload with it.
+
+    The reload (rather than setting the key) re-resolves every ``${data.resolution}`` interpolation.
+    """
+    if "data" not in cfg or "resolution" not in cfg.data or cfg.data.resolution is not None:
+        return cfg
+    res = int(instantiate(cfg.data, "data").resolution)  # reads the manifest (writes synthetic data first)
+    print(f"data.resolution from the manifest: {res}")
+    return load(exp, [*overrides, f"data.resolution={res}"])
 
 
 def run(cfg: DictConfig, callbacks: list | None = None) -> dict[str, Any]:
@@ -144,7 +168,9 @@ def find_checkpoint(path: str | Path) -> Path:
     if p.is_dir():
         p = p / "checkpoints" / "last.ckpt"
     if not p.is_file():
-        raise FileNotFoundError(f"no checkpoint at {p} (expected a run folder with checkpoints/last.ckpt or a .ckpt)")
+        raise FileNotFoundError(
+            f"no checkpoint at {p} (expected a run folder with checkpoints/last.ckpt or a .ckpt)"
+        )
     return p
 
 

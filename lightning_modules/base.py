@@ -39,7 +39,7 @@ class DiffusionModule(L.LightningModule):
     ):
         super().__init__()
         self.denoiser = denoiser
-        self.ema = copy.deepcopy(denoiser).requires_grad_(False).eval()
+        self.ema = copy.deepcopy(denoiser).requires_grad_(False)  # eval mode only while sampling
         self.lr, self.weight_decay, self.betas, self.warmup_steps = lr, weight_decay, tuple(betas), warmup_steps
         self.ema_halflife_kimg, self.ema_rampup = ema_halflife_kimg, ema_rampup
         self.register_buffer("nimg", torch.zeros((), dtype=torch.long))  # images seen, all ranks
@@ -69,6 +69,7 @@ class DiffusionModule(L.LightningModule):
     # ---- training ------------------------------------------------------------------------------------
     def training_step(self, batch: dict, batch_idx: int) -> Tensor:
         x0 = batch["x0"]
+        self._batch_images = x0.shape[0]
         per_sample, t = self.loss(x0, batch.get("label"))
         loss = per_sample.mean()
         B = x0.shape[0]
@@ -80,10 +81,16 @@ class DiffusionModule(L.LightningModule):
                 self.log(f"train/loss_t{k}", per_sample.detach()[m].mean(), batch_size=int(m.sum()))
         return loss
 
-    def on_train_batch_end(self, outputs, batch, batch_idx) -> None:
-        batch_images = batch["x0"].shape[0] * self.trainer.world_size
+    def optimizer_step(self, epoch, batch_idx, optimizer, optimizer_closure=None) -> None:
+        """The optimiser step, then the EMA and image count: both are in place before any callback
+        (ModelCheckpoint included) sees the step, so a checkpoint at step N holds EMA and nimg of step N."""
+        super().optimizer_step(epoch, batch_idx, optimizer, optimizer_closure)
+        batch_images = self._batch_images * self.trainer.world_size
         self.nimg += batch_images
         self._update_ema(batch_images)
+
+    def on_train_batch_end(self, outputs, batch, batch_idx) -> None:
+        batch_images = batch["x0"].shape[0] * self.trainer.world_size
         now = time.perf_counter()
         if self._t_last is not None:
             self.log("perf/img_per_s", batch_images / max(now - self._t_last, 1e-9), batch_size=1)

@@ -17,7 +17,7 @@ EXPERIMENTS = sorted(p.stem for p in EXPERIMENTS_DIR.glob("*.yaml") if not p.ste
 def shrink(exp: str, tmp_path: Path) -> list[str]:
     """Overrides that make any experiment small enough to instantiate on the CPU in a test."""
     cfg = load(exp, [f"data.path={tmp_path / 'data'}"])
-    out = [f"data.path={tmp_path / 'data'}", f"run.root={tmp_path / 'runs'}"]
+    out = [f"data.path={tmp_path / 'data'}", f"run.root={tmp_path / 'runs'}", "data.resolution=16"]
     if "preset" in cfg.module.get("net", {}):
         out.append("module.net.preset=tiny")
     return out
@@ -49,7 +49,7 @@ def test_unknown_override_key_is_an_error_with_a_suggestion():
 
 
 def test_bad_constructor_argument_names_the_config_path(tmp_path):
-    cfg = load("quickstart", ["+module.process.sigmma=3"])
+    cfg = load("quickstart", ["+module.process.sigmma=3", "data.resolution=16"])
     with pytest.raises(ConfigError, match=r"module\.process: GaussianProcess .*'sigmma'"):
         instantiate(cfg.module, "module")
     cfg = OmegaConf.create({"x": {"_target_": "freqdiff.nope.Missing"}})

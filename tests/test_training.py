@@ -18,6 +18,7 @@ def tiny_overrides(tmp_path: Path, **extra) -> list[str]:
         "run.root": str(tmp_path / "runs"),
         "data.path": str(tmp_path / "data" / "dl16"),
         "data.resolution": 16,
+        "data.synthetic.resolution": 16,
         "data.batch_size": 8,
         "data.num_workers": 0,
         "data.synthetic.n_train": 96,
@@ -91,3 +92,22 @@ def test_train_resume_and_refuse(tmp_path, monkeypatch):
     assert loaded_cfg.trainer.max_steps == 6
     x = module.sample([0, 1], steps=2)
     assert x.shape == (2, 3, 16, 16) and torch.isfinite(x).all()
+
+
+class Crash(L.Callback):
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        if trainer.global_step == 3:
+            raise RuntimeError("simulated crash")
+
+
+def test_crash_keeps_a_resumable_checkpoint(tmp_path, monkeypatch):
+    """A run that dies between periodic checkpoints still leaves last.ckpt at the step it reached."""
+    monkeypatch.chdir(tmp_path)
+    over = tiny_overrides(tmp_path, **{"run.checkpoint_every_n_steps": 100, "callbacks.samples.every_n_steps": 0})
+    with pytest.raises(RuntimeError, match="simulated crash"):
+        run(load("quickstart", over), callbacks=[Crash()])
+    ckpt = tmp_path / "runs" / "quickstart" / "default" / "checkpoints" / "last.ckpt"
+    assert torch.load(ckpt, weights_only=False)["global_step"] == 3
+    probe = Probe()
+    run(load("quickstart", over), callbacks=[probe])
+    assert probe.start_step == 3
