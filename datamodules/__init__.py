@@ -1,4 +1,13 @@
-"""Data: WebDataset shard sets with manifests, ShardDataModule, dead-leaves generator (DESIGN.md §4).
+"""Data (DESIGN.md §4): WebDataset shard sets with manifests, read by one ShardDataModule for every method.
+
+- ``manifest.py``: the manifest format, a deterministic tar-shard writer, PNG encode / decode.
+- ``write_shards.py``: image folder -> shards (``make shards``): centre crop, resize filter, several
+  resolutions per sample, labels from class folders, bad inputs skipped and listed.
+- ``sources.py``: where a shard set is (folder, manifest, brace / glob pattern); missing shards.
+- ``streams.py``: rank x worker splitting, seeded training stream, exact evaluation pass, bad-data counts.
+- ``webdataset.py``: ``ShardDataModule`` (Lightning), ``data/skipped`` logging.
+- ``synthetic.py``: the embedded dead-leaves dataset; ``demo_photos.py``: a folder of real JPEGs made
+  from scikit-image's bundled photographs (tests, benchmarks, trying ``make shards``).
 
 ``freqdiff`` is imported first: it installs the import hook that lets ``import lightning`` work
 next to a CPU-only torch (see ``freqdiff/_torchvision_compat.py``), before any module here imports

@@ -1,36 +1,43 @@
-"""ShardDataModule: WebDataset tar shards -> ``[-1, 1]`` image batches (DESIGN.md §4 Data).
+"""ShardDataModule: WebDataset tar shards -> ``[-1, 1]`` image batches for every method (DESIGN.md §4).
 
-Where the data is (``path``, checked in this order):
-- ``path/train/manifest.json`` exists: train from ``path/train``, evaluate on ``path/val`` (when it
-  has a manifest). This is the layout :class:`~datamodules.synthetic.DeadLeaves` writes.
-- ``path/manifest.json`` exists: train from ``path``; no val split unless ``val_path`` is given.
-- ``val_path`` (a shard folder) overrides the val split in both cases.
-With ``synthetic`` given, the shards are generated into ``path`` first when missing or written with
-other parameters (``prepare_data``, rank 0 in Lightning; ``setup`` does it too when called alone).
+Where the data is (``path``; see ``sources.py``): a folder written by ``make shards`` (its
+``manifest.json``), a folder with ``train/`` and ``val/`` shard sets (the dead-leaves layout), a
+manifest file, or a brace / glob pattern of tar files. ``val_path`` names the val split explicitly.
+A wrong path fails in ``setup`` naming it. With ``synthetic`` given, the dead-leaves shards are
+generated into ``path`` when it holds no shard set (or a dead-leaves set written with other
+parameters); a real shard set found there is used as it is and the generator is ignored.
 
-Training stream, per rank and DataLoader worker (``IterableDataset``, one per worker):
-shards drawn with replacement (resampled) -> tar samples -> shuffle buffer -> PNG decode at the
-requested resolution -> batches -> random horizontal flips. Every random choice comes from
-``SeedSequence([seed, epoch, rank, worker])``, so the same seed gives the same batches, ranks and
-workers see different streams (resampling makes node/worker splitting of the shard list
-unnecessary), and each epoch draws anew. The epoch is Lightning's ``trainer.current_epoch`` (so a
-resumed run continues the epoch sequence), or the number of passes made outside a Trainer.
-The loader is a ``wds.WebLoader`` (``batch_size=None``: batching happens in the workers) with
-``with_epoch(batches_per_epoch)`` and a matching ``__len__``: an epoch is a fixed number of batches on
-every rank, so ranks never disagree about when it ends.
+Resolutions: ``resolution`` is the primary one, ``batch["x0"]`` (None: the manifest's largest);
+``resolutions`` adds ``batch["x0_<r>"]`` for every other listed resolution, decoded from the same
+sample and flipped together with it. Labels come as ``batch["label"]`` (int64) when the manifest has
+them.
 
-Why not ``wds.WebDataset(urls, resampled=True, ...)``: in webdataset 1.0.2 its resampled shard list
-mixes ``time_ns()``, the pid and ``os.urandom`` into its seed (and ignores ``shardshuffle``), so
-its batches cannot be reproduced; its shuffle stage also restarts from one fixed seed every epoch.
+Training (``train_dataloader``): see ``streams.py``: explicit rank and worker splitting, resampled
+units of shards, shuffles and flips seeded from ``(seed, rank, worker, epoch)``, a ``WebLoader`` with
+``with_epoch(batches_per_epoch)`` and a matching ``__len__``, so every rank runs the same number of
+batches. The epoch is Lightning's ``trainer.current_epoch`` (a resumed run continues the sequence),
+or the number of passes made outside a Trainer. Rank and world size come from the Trainer, else an
+initialised ``torch.distributed``, else the ``RANK`` / ``WORLD_SIZE`` environment variables. Under a
+Trainer the workers hand over uint8 images and ``on_after_batch_transfer`` makes the floats on the
+device (EDM's loader does the same); iterated directly, the loaders yield floats.
 
-Batches are dicts: ``{"x0": float32 [B, C, H, W] in [-1, 1]}``, plus ``"label": int64 [B]`` when the
-manifest has labels. ``real_images(n, split)`` reads the first ``n`` images of a split in order
-(no shuffle, no flip), for sample-vs-real callbacks and metrics.
+Evaluation / reference statistics (``eval_dataloader``): one exact pass, every sample once over
+all ranks and workers, batches carry ``"index"`` (global sample index). Ranks get unequal batch
+counts, so iterate it outside Lightning's loops (e.g. in a callback hook every rank runs, then reduce
+the results once); ``pad=True`` gives every rank the same number of full batches with ``"mask"``, for
+use inside a loop with per-step collectives (Lightning's validation loop, ``sync_dist`` logging).
+
+Bad data: corrupt samples and shards are skipped with a ``CorruptDataWarning`` and counted
+(``skipped``); the ``data/skipped`` metric (summed over ranks) is logged during training by a small
+callback the module adds to its Trainer in ``setup``. More than ``max_bad_fraction`` bad samples
+stops the run with a ``BadDataError``.
 """
 
 from __future__ import annotations
 
 import itertools
+import json
+import os
 import warnings
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -40,28 +47,43 @@ import lightning as L
 import numpy as np
 import torch
 import webdataset as wds
-from torch.utils.data import IterableDataset, get_worker_info
+from torch.utils.data import DataLoader
 
 import freqdiff  # noqa: F401  (the torchvision hook; datamodules/__init__.py imports it first too)
-from datamodules.manifest import MANIFEST, check_shards, decode_png, read_manifest, shard_urls
+from datamodules.manifest import MANIFEST
+from datamodules.sources import Split, find_splits, is_pattern
+from datamodules.streams import (
+    EvalStream,
+    Health,
+    TrainStream,
+    batch_to_float,
+    decode,
+    eval_units,
+    read_unit,
+    to_float,
+)
 from datamodules.synthetic import DeadLeaves
+
+__all__ = ["ShardDataModule", "LogSkipped", "to_float"]
 
 
 class ShardDataModule(L.LightningDataModule):
-    """Training batches from a WebDataset shard set (see the module docstring for the layout)."""
+    """Batches from a WebDataset shard set for training and exact evaluation passes (module docstring)."""
 
     def __init__(
         self,
-        path: str,  # shard folder (with manifest.json, or with train/ and val/ shard folders)
-        val_path: str | None = None,  # shard folder of the val split (overrides path/val)
-        resolution: int | None = None,  # image side; None: the manifest's largest resolution
+        path: str,  # shard folder, manifest.json, or a brace / glob pattern of .tar files
+        val_path: str | None = None,  # shard folder or pattern of the val split (overrides path/val)
+        resolution: int | None = None,  # primary image side, batch["x0"]; None: the manifest's largest
+        resolutions: list[int] | None = None,  # extra sides, batch["x0_<r>"] (e.g. Relay's [64, 256])
         batch_size: int = 64,  # images per batch, per rank
         num_workers: int = 2,  # DataLoader worker processes per rank (0: decode in the main process)
         flip: bool = True,  # random horizontal flips in training
-        seed: int = 0,  # seed of shard sampling, shuffle buffer and flips
+        seed: int = 0,  # seed of shard order, shuffle buffer and flips
         batches_per_epoch: int | None = None,  # None: count // (batch_size * world_size)
         shuffle_buffer: int = 1000,  # samples in each worker's shuffle buffer (0: no shuffling)
-        synthetic: DeadLeaves | None = None,  # generate the shards into `path` when missing
+        max_bad_fraction: float = 0.01,  # fail when more of the samples tried are unreadable
+        synthetic: DeadLeaves | None = None,  # generate dead-leaves shards into `path` when it has none
     ):
         super().__init__()
         if batch_size < 1:
@@ -70,103 +92,177 @@ class ShardDataModule(L.LightningDataModule):
             raise ValueError(f"num_workers must be >= 0, got {num_workers}")
         if batches_per_epoch is not None and batches_per_epoch < 1:
             raise ValueError(f"batches_per_epoch must be >= 1 or None, got {batches_per_epoch}")
+        if not 0.0 <= max_bad_fraction <= 1.0:
+            raise ValueError(f"max_bad_fraction must be in [0, 1], got {max_bad_fraction}")
         self.path = str(path)
         self.val_path = None if val_path is None else str(val_path)
         self.requested_resolution = resolution
+        self.extra_resolutions = [int(r) for r in (resolutions or [])]
         self.batch_size = int(batch_size)
         self.num_workers = int(num_workers)
         self.flip = bool(flip)
         self.seed = int(seed)
         self.batches_per_epoch = batches_per_epoch
         self.shuffle_buffer = int(shuffle_buffer)
+        self.max_bad_fraction = float(max_bad_fraction)
         self.synthetic = synthetic
-        self._folders: dict[str, Path] | None = None  # split -> shard folder
-        self._manifests: dict[str, dict[str, Any]] = {}
-        self._resolution: int | None = None
+        self._splits: dict[str, Split] | None = None
+        self._resolutions: list[int] | None = None  # primary first
+        self._health: dict[str, Health] = {}  # "train" / "eval" -> counts of the latest loader
         self._passes = 0  # loader passes made outside a Trainer (the epoch then)
 
     # ---------------------------------------------------------------- Lightning hooks
     def prepare_data(self) -> None:
-        if self.synthetic is not None:
+        if self.synthetic is not None and self._synthetic_applies(announce=True):
             self.synthetic.write(self.path)  # no-op when up to date
 
     def setup(self, stage: str | None = None) -> None:
-        if self._folders is not None:
+        callbacks = getattr(self.trainer, "callbacks", None)
+        if isinstance(callbacks, list) and not any(isinstance(c, LogSkipped) for c in callbacks):
+            callbacks.append(LogSkipped())  # logs data/skipped during training
+        if self._splits is not None:
             return
-        if self.synthetic is not None and self._find() is None:  # called without prepare_data
-            self.synthetic.write(self.path)
-        folders = self._find()
-        if folders is None:
+        if self.synthetic is not None and self._synthetic_applies(announce=False) and self._find() is None:
+            self.synthetic.write(self.path)  # setup called without prepare_data
+        splits = self._find()
+        if splits is None:
             raise FileNotFoundError(
-                f"no shard set at {self.path}: expected {Path(self.path) / MANIFEST} or "
-                f"{Path(self.path) / 'train' / MANIFEST} (pass synthetic=DeadLeaves(...) to generate one)"
+                f"no shard set at data.path {self.path}: expected {Path(self.path) / MANIFEST} "
+                f"(make shards SRC=... OUT={self.path} RES=...), {Path(self.path) / 'train' / MANIFEST}, "
+                "or a pattern like shards/shard-{000000..000009}.tar"
             )
-        manifests = {split: read_manifest(folder) for split, folder in folders.items()}
-        for split, folder in folders.items():
-            check_shards(folder, manifests[split])
-        train = manifests["train"]
+        train = splits["train"].manifest
         if train["count"] < 1:
-            raise ValueError(f"the train shard set {folders['train']} is empty")
-        res = self.requested_resolution
-        if res is None:
-            res = max(train["resolutions"])
-        for split, m in manifests.items():
-            if res not in m["resolutions"]:
+            raise ValueError(f"the train shard set {splits['train'].where} is empty")
+        primary = self.requested_resolution or max(train["resolutions"])
+        resolutions = [int(primary)] + [r for r in dict.fromkeys(self.extra_resolutions) if r != primary]
+        for name, split in splits.items():
+            m = split.manifest
+            absent = [r for r in resolutions if r not in m["resolutions"]]
+            if absent:
+                res = ",".join(map(str, sorted(set(m["resolutions"]) | set(absent))))
                 raise ValueError(
-                    f"resolution {res} not in the {split} shard set {folders[split]} "
-                    f"(it has resolutions {m['resolutions']})"
+                    f"resolution {absent[0]} not in the {name} shard set {split.where} (it has resolutions "
+                    f"{m['resolutions']}; set data.resolution / data.resolutions to those, e.g. "
+                    f"data.resolution={max(m['resolutions'])}, or rewrite it with make shards RES={res})"
                 )
             if m["channels"] != train["channels"] or m["labels"] != train["labels"]:
-                raise ValueError(
-                    f"{split} shard set {folders[split]} differs from train in channels or labels"
-                )
-        self._folders, self._manifests, self._resolution = folders, manifests, int(res)
+                raise ValueError(f"{name} shard set {split.where} differs from train in channels or labels")
+        self._splits, self._resolutions = splits, resolutions
 
     def train_dataloader(self) -> wds.WebLoader:
         self.setup()
-        world_size = self.trainer.world_size if self.trainer is not None else 1
-        rank = self.trainer.global_rank if self.trainer is not None else 0
-        n = self.batches_per_epoch or max(1, self.manifest["count"] // (self.batch_size * world_size))
+        rank, world_size = self.rank_and_world()
+        split = self._splits["train"]
+        count = sum(s.count for s in split.present)
+        n = self.batches_per_epoch or max(1, count // (self.batch_size * world_size))
+        health = Health("train", self.max_bad_fraction, min_checked=min(1000, count))
+        self._health["train"] = health
         stream = TrainStream(
-            urls=shard_urls(self._folders["train"], self.manifest),
-            resolution=self.resolution,
+            shards=split.present,
+            resolutions=self.resolutions,
             channels=self.channels,
             labels=self.labels is not None,
             batch_size=self.batch_size,
             flip=self.flip,
-            shuffle_buffer=min(self.shuffle_buffer, self.manifest["count"]),
+            shuffle_buffer=min(self.shuffle_buffer, count),
             seed=self.seed,
             rank=rank,
+            world_size=world_size,
+            health=health,
+            # under a Trainer uint8 images go to the device, floats are made there (on_after_batch_transfer)
+            uint8=isinstance(self.trainer, L.Trainer),
         )
         return _EpochLoader(stream, n, self._epoch, num_workers=self.num_workers)
 
+    def eval_dataloader(
+        self,
+        split: str = "train",  # "train" (reference statistics) or "val" (falls back to train)
+        batch_size: int | None = None,  # None: the training batch size
+        pad: bool = False,  # equal full batches on every rank, with batch["mask"]
+        num_workers: int | None = None,  # None: the training num_workers
+    ) -> _EvalLoader:
+        """One exact pass over a split: each sample once across all ranks and workers (module docstring)."""
+        name = self._split_name(split)
+        rank, world_size = self.rank_and_world()
+        workers = self.num_workers if num_workers is None else int(num_workers)
+        health = Health(
+            "eval", self.max_bad_fraction, min_checked=min(1000, self._splits[name].manifest["count"])
+        )
+        self._health["eval"] = health
+        stream = EvalStream(
+            shards=self._splits[name].shards,
+            total=self._splits[name].manifest["count"],
+            resolutions=self.resolutions,
+            channels=self.channels,
+            labels=self.labels is not None,
+            batch_size=batch_size or self.batch_size,
+            rank=rank,
+            world_size=world_size,
+            pad=pad,
+            health=health,
+        )
+        return _EvalLoader(stream, num_workers=workers)
+
+    def on_after_batch_transfer(self, batch: Any, dataloader_idx: int) -> Any:
+        """uint8 images -> float ``[-1, 1]`` on the training device (4x fewer bytes over PCIe)."""
+        return batch_to_float(batch) if isinstance(batch, dict) else batch
+
     # ---------------------------------------------------------------- data access
     def real_images(self, n: int, split: str = "val") -> torch.Tensor:
-        """The first ``n`` images of a split in shard order (unshuffled, unflipped): [n, C, H, W] in [-1, 1].
+        """The first ``n`` readable images of a split in shard order (unshuffled, unflipped).
 
-        Without a val split, ``split="val"`` falls back to train with a warning.
+        ``[n, C, H, W]`` in [-1, 1] at the primary resolution; without a val split, ``split="val"``
+        falls back to train with a warning.
         """
-        self.setup()
-        if split not in ("train", "val"):
-            raise ValueError(f"split must be 'train' or 'val', got {split!r}")
-        if split not in self._folders:
-            warnings.warn(
-                f"no val shard set for {self.path} (pass val_path): using train images", stacklevel=2
-            )
-            split = "train"
-        m = self._manifests[split]
-        if not 0 <= n <= m["count"]:
-            raise ValueError(f"asked for {n} {split} images but {self._folders[split]} holds {m['count']}")
-        urls = shard_urls(self._folders[split], m)
-        imgs = [img for img, _ in itertools.islice(read_samples(urls, self.resolution, self.channels), n)]
+        name = self._split_name(split)
+        s = self._splits[name]
+        if not 0 <= n <= s.manifest["count"]:
+            raise ValueError(f"asked for {n} {name} images but {s.where} holds {s.manifest['count']}")
+        health = Health("real", self.max_bad_fraction, min_checked=s.manifest["count"])
+        wanted = (f"{self.resolution}.png",)
+        units = eval_units(s.shards, s.manifest["count"], 1, 0)
+        imgs = []
+        for i, sample in itertools.chain.from_iterable(read_unit(u, wanted, health) for u in units):
+            if len(imgs) == n:
+                break
+            try:
+                imgs.append(decode(sample, [self.resolution], self.channels, False)[0][0])
+            except ValueError as e:
+                health.add_bad(1, f"sample {i} (key {sample['__key__']}): {e}")
+        if len(imgs) < n:
+            raise ValueError(f"only {len(imgs)} readable {name} images in {s.where}, asked for {n}")
         if not imgs:
             return torch.empty(0, self.channels, self.resolution, self.resolution)
         return to_float(np.stack(imgs))
 
+    def rank_and_world(self) -> tuple[int, int]:
+        """(global rank, world size): the Trainer's, else torch.distributed's, else RANK / WORLD_SIZE."""
+        if self.trainer is not None:
+            return int(self.trainer.global_rank), int(self.trainer.world_size)
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            return torch.distributed.get_rank(), torch.distributed.get_world_size()
+        rank, world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
+        if not 0 <= rank < world:
+            raise ValueError(f"RANK={rank} is not in [0, WORLD_SIZE={world})")
+        return rank, world
+
+    @property
+    def skipped(self) -> dict[str, int]:
+        """Bad samples counted by the latest train / eval loader of this process (all its workers)."""
+        return {k: h.bad for k, h in self._health.items()}
+
     @property
     def resolution(self) -> int:
+        """The primary resolution (``batch["x0"]``)."""
         self.setup()
-        return self._resolution
+        return self._resolutions[0]
+
+    @property
+    def resolutions(self) -> list[int]:
+        """Every resolution decoded per sample, primary first."""
+        self.setup()
+        return list(self._resolutions)
 
     @property
     def channels(self) -> int:
@@ -180,28 +276,42 @@ class ShardDataModule(L.LightningDataModule):
     def manifest(self) -> dict[str, Any]:
         """The train split's manifest."""
         self.setup()
-        return self._manifests["train"]
+        return self._splits["train"].manifest
 
     @property
     def val_manifest(self) -> dict[str, Any] | None:
         self.setup()
-        return self._manifests.get("val")
+        return self._splits["val"].manifest if "val" in self._splits else None
 
-    def _find(self) -> dict[str, Path] | None:
+    # ---------------------------------------------------------------- internals
+    def _find(self) -> dict[str, Split] | None:
+        return find_splits(self.path, self.val_path, self.max_bad_fraction)
+
+    def _split_name(self, split: str) -> str:
+        self.setup()
+        if split not in ("train", "val"):
+            raise ValueError(f"split must be 'train' or 'val', got {split!r}")
+        if split not in self._splits:
+            warnings.warn(
+                f"no val shard set for {self.path} (pass val_path): using train images", stacklevel=3
+            )
+            return "train"
+        return split
+
+    def _synthetic_applies(self, announce: bool) -> bool:
+        """Generate dead leaves only into an empty place or over an earlier dead-leaves set."""
         root = Path(self.path)
-        if (root / "train" / MANIFEST).is_file():
-            folders = {"train": root / "train"}
-            if (root / "val" / MANIFEST).is_file():
-                folders["val"] = root / "val"
-        elif (root / MANIFEST).is_file():
-            folders = {"train": root}
+        if is_pattern(self.path) or (root / MANIFEST).is_file() or root.suffix == ".json":
+            found = True
         else:
-            return None
-        if self.val_path is not None:
-            if not (Path(self.val_path) / MANIFEST).is_file():
-                raise FileNotFoundError(f"no shard set at val_path {self.val_path} (no {MANIFEST})")
-            folders["val"] = Path(self.val_path)
-        return folders
+            try:
+                params = json_params(root / "train" / MANIFEST)
+            except (OSError, ValueError):
+                return True  # nothing there, or an unreadable dead-leaves remnant
+            found = params.get("generator") != "dead-leaves"
+        if found and announce:
+            print(f"data: {self.path} holds a shard set; using it (data.synthetic is ignored)")
+        return not found
 
     def _epoch(self) -> int:
         if self.trainer is not None:
@@ -210,104 +320,31 @@ class ShardDataModule(L.LightningDataModule):
         return self._passes - 1
 
 
-# -------------------------------------------------------------------- streams
-def to_float(x: np.ndarray) -> torch.Tensor:
-    """uint8 ``[B, H, W, C]`` -> float32 ``[B, C, H, W]`` as ``x / 127.5 - 1`` (0 -> -1, 255 -> 1)."""
-    t = torch.from_numpy(np.ascontiguousarray(x)).permute(0, 3, 1, 2).contiguous()  # [B, C, H, W]
-    return t.float().div_(127.5).sub_(1.0)
+def json_params(path: Path) -> dict[str, Any]:
+    """The ``params`` of a manifest file (no validation); FileNotFoundError / ValueError when unreadable."""
+    if not path.is_file():
+        raise FileNotFoundError(path)
+    return json.loads(path.read_text()).get("params") or {}
 
 
-class _Select:
-    """Tar members to read: the one resolution's PNG and the label (other resolutions are skipped)."""
+class LogSkipped(L.Callback):
+    """Logs ``data/skipped``: bad training samples so far, summed over ranks (every rank joins)."""
 
-    def __init__(self, resolution: int):
-        self.exts = (f".{resolution}.png", ".cls")
-
-    def __call__(self, fname: str) -> bool:
-        return fname.endswith(self.exts)
-
-
-def read_samples(
-    urls: Iterator[str] | list[str], resolution: int, channels: int
-) -> Iterator[tuple[np.ndarray, int | None]]:
-    """Decode the samples of the given shards in order: ``(uint8 [H, W, C], label or None)``."""
-    src = ({"url": u} for u in urls)
-    for s in wds.tarfile_to_samples(select_files=_Select(resolution))(src):
-        key = f"{resolution}.png"
-        if key not in s:
-            raise ValueError(f"sample {s.get('__key__')} in {s.get('__url__')} has no {key} image")
-        img = decode_png(s[key], channels)
-        if img.shape != (resolution, resolution, channels):
-            raise ValueError(
-                f"sample {s['__key__']} in {s['__url__']}: image {img.shape}, "
-                f"expected {(resolution, resolution, channels)}"
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        dm = trainer.datamodule
+        if isinstance(dm, ShardDataModule) and "train" in dm._health:
+            skipped = float(dm._health["train"].bad)
+            pl_module.log(
+                "data/skipped", skipped, on_step=True, sync_dist=True, reduce_fx="sum", batch_size=1
             )
-        yield img, (int(s["cls"]) if "cls" in s else None)
-
-
-class TrainStream(IterableDataset):
-    """Infinite seeded batches for one rank; each DataLoader worker makes its own stream."""
-
-    def __init__(
-        self,
-        urls: list[str],  # shard paths
-        resolution: int,  # image side to decode
-        channels: int,  # 1 or 3
-        labels: bool,  # whether samples carry "cls"
-        batch_size: int,  # images per batch
-        flip: bool,  # random horizontal flips
-        shuffle_buffer: int,  # samples in the shuffle buffer (0: none)
-        seed: int,  # base seed
-        rank: int,  # global rank (streams differ per rank)
-    ):
-        super().__init__()
-        self.urls, self.resolution, self.channels, self.labels = urls, resolution, channels, labels
-        self.batch_size, self.flip, self.shuffle_buffer = batch_size, flip, shuffle_buffer
-        self.seed, self.rank = seed, rank
-        self.epoch = 0  # set by the loader in the main process before the workers start
-
-    def __iter__(self) -> Iterator[dict[str, torch.Tensor]]:
-        info = get_worker_info()
-        worker = 0 if info is None else info.id
-        rng = np.random.default_rng([self.seed, self.epoch, self.rank, worker])
-        shards = (self.urls[i] for i in _forever(lambda: rng.integers(len(self.urls))))
-        samples = _shuffle(read_samples(shards, self.resolution, self.channels), self.shuffle_buffer, rng)
-        while True:
-            chunk = list(itertools.islice(samples, self.batch_size))
-            x0 = to_float(np.stack([img for img, _ in chunk]))  # [B, C, H, W]
-            if self.flip:
-                mask = torch.from_numpy(rng.random(len(chunk)) < 0.5)[:, None, None, None]
-                x0 = torch.where(mask, x0.flip(-1), x0)
-            batch = {"x0": x0}
-            if self.labels:
-                batch["label"] = torch.tensor([lab for _, lab in chunk], dtype=torch.int64)
-            yield batch
-
-
-def _forever(draw: Callable[[], int]) -> Iterator[int]:
-    while True:
-        yield int(draw())
-
-
-def _shuffle(items: Iterator[Any], bufsize: int, rng: np.random.Generator) -> Iterator[Any]:
-    """Shuffle buffer: fill to ``bufsize``, then emit a random element for each new one."""
-    if bufsize < 2:
-        yield from items
-        return
-    buf: list[Any] = []
-    for item in items:
-        if len(buf) < bufsize:
-            buf.append(item)
-            continue
-        i = int(rng.integers(bufsize))
-        buf[i], item = item, buf[i]
-        yield item
-    rng.shuffle(buf)  # only reached for finite sources
-    yield from buf
 
 
 class _EpochLoader(wds.WebLoader):
-    """``WebLoader`` over a :class:`TrainStream`: ``n_batches`` per pass, a new epoch seed per pass."""
+    """``WebLoader`` over a :class:`TrainStream`: ``n_batches`` per pass, a new epoch seed per pass.
+
+    At the end of a pass the bad fraction of all samples tried is checked (during the pass, workers
+    check it once ``min_checked`` samples were tried).
+    """
 
     def __init__(self, stream: TrainStream, n_batches: int, epoch: Callable[[], int], num_workers: int):
         super().__init__(
@@ -323,6 +360,30 @@ class _EpochLoader(wds.WebLoader):
     def __len__(self) -> int:
         return self.n_batches
 
-    def __iter__(self):
+    def __iter__(self) -> Iterator[dict[str, torch.Tensor]]:
         self.stream.epoch = self._epoch_fn()  # before the DataLoader forks (or pickles) its workers
-        return super().__iter__()
+        yield from super().__iter__()
+        self.stream.health.check(final=True)  # the bad fraction of everything tried so far
+
+
+class _EvalLoader(DataLoader):
+    """DataLoader over an :class:`EvalStream`; checks the bad fraction of the whole pass at its end."""
+
+    def __init__(self, stream: EvalStream, num_workers: int):
+        super().__init__(
+            stream, batch_size=None, num_workers=num_workers, pin_memory=torch.cuda.is_available()
+        )
+        self.stream = stream
+
+    def __len__(self) -> int:
+        """Batches this rank yields (without bad samples; exact with ``pad``)."""
+        s, w = self.stream, max(1, self.num_workers)
+        if s.pad:
+            return w * s.batches_per_worker(w)
+        consumers = s.world_size * w
+        sizes = [(j + 1) * s.total // consumers - j * s.total // consumers for j in range(consumers)]
+        return sum(-(-n // s.batch_size) for n in sizes[s.rank * w : (s.rank + 1) * w])
+
+    def __iter__(self) -> Iterator[dict[str, torch.Tensor]]:
+        yield from super().__iter__()
+        self.stream.health.check(final=True)

@@ -1,0 +1,187 @@
+"""Where a shard set is: a folder, a manifest file, or a brace / glob pattern of tar files (DESIGN.md §4).
+
+``find_splits(path, val_path)`` resolves the ``path`` of ``ShardDataModule``:
+- a folder with ``train/manifest.json`` (and optionally ``val/manifest.json``): the layout the
+  dead-leaves generator writes;
+- a folder with ``manifest.json`` (what ``make shards`` writes) or the manifest file itself: one
+  split, ``train``;
+- a pattern such as ``data/ffhq/shard-{000000..000009}.tar`` or ``data/ffhq/*.tar`` (braces as in
+  webdataset, ``::`` joins lists): those shards.
+  When the folder of the matched shards has a manifest listing all of them, their entries are taken
+  from it; otherwise the tar files are scanned (counts, resolutions, channels, labels).
+
+Shards the manifest lists but that are missing are dropped with a warning and their samples counted
+as bad; when that is more than ``max_bad_fraction`` of the split, it fails here, naming them. A shard
+whose size differs from the manifest is kept with a warning (the reader counts what it lacks).
+"""
+
+from __future__ import annotations
+
+import glob
+import io
+import re
+import tarfile
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from PIL import Image
+from webdataset.shardlists import expand_urls
+
+from datamodules.manifest import FORMAT, MANIFEST, read_manifest
+from datamodules.streams import CorruptDataWarning, Shard
+
+_PNG = re.compile(r"^(\d+)\.png$")
+
+
+@dataclass
+class Split:
+    name: str  # "train" or "val"
+    where: str  # the folder or pattern it came from (for messages)
+    manifest: dict[str, Any]  # the manifest (for a pattern: the matched shards only)
+    shards: list[Shard]  # every listed shard, in order, with its global start index
+    missing: list[str]  # listed shards that do not exist (dropped from training, counted as bad)
+
+    @property
+    def present(self) -> list[Shard]:
+        gone = set(self.missing)
+        return [s for s in self.shards if s.url not in gone]
+
+
+def is_pattern(path: str) -> bool:
+    return any(c in path for c in "*?[{")
+
+
+def find_splits(path: str, val_path: str | None, max_bad_fraction: float) -> dict[str, Split] | None:
+    """``{"train": Split, ["val": Split]}``, or None when ``path`` holds no shard set."""
+    root = Path(path)
+    if is_pattern(path):
+        splits = {"train": _pattern_split("train", path)}
+    elif (root / "train" / MANIFEST).is_file():
+        splits = {"train": _folder_split("train", root / "train")}
+        if (root / "val" / MANIFEST).is_file():
+            splits["val"] = _folder_split("val", root / "val")
+    elif (root / MANIFEST).is_file() or (root.suffix == ".json" and root.is_file()):
+        splits = {"train": _folder_split("train", root)}
+    else:
+        return None
+    if val_path is not None:
+        if is_pattern(val_path):
+            splits["val"] = _pattern_split("val", val_path)
+        elif (Path(val_path) / MANIFEST).is_file() or Path(val_path).suffix == ".json":
+            splits["val"] = _folder_split("val", Path(val_path))
+        else:
+            raise FileNotFoundError(f"no shard set at val_path {val_path} (no {Path(val_path) / MANIFEST})")
+    for split in splits.values():
+        _check_missing(split, max_bad_fraction)
+    return splits
+
+
+def _shards(folder: Path, manifest: dict[str, Any]) -> tuple[list[Shard], list[str]]:
+    shards, missing, start = [], [], 0
+    for s in manifest["shards"]:
+        p = folder.resolve() / s["name"]
+        shards.append(Shard(url=str(p), count=int(s["count"]), start=start))
+        start += int(s["count"])
+        if not p.is_file():
+            missing.append(str(p))
+        elif "bytes" in s and p.stat().st_size != s["bytes"]:
+            warnings.warn(
+                f"data: shard {p} is {p.stat().st_size} bytes, the manifest says {s['bytes']} "
+                "(truncated or rewritten?): reading what it holds",
+                CorruptDataWarning,
+                3,
+            )
+    return shards, missing
+
+
+def _folder_split(name: str, folder: Path) -> Split:
+    manifest = read_manifest(folder)
+    if folder.suffix == ".json":
+        folder = folder.parent
+    shards, missing = _shards(folder, manifest)
+    return Split(name, str(folder), manifest, shards, missing)
+
+
+def _pattern_split(name: str, pattern: str) -> Split:
+    urls = sorted({str(Path(p).resolve()) for b in expand_urls(pattern) for p in _glob_or_self(b)})
+    urls = [u for u in urls if Path(u).is_file()]
+    if not urls:
+        raise FileNotFoundError(f"no shard matches the pattern {pattern}")
+    folder = Path(urls[0]).parent
+    listed = None
+    if all(Path(u).parent == folder for u in urls) and (folder / MANIFEST).is_file():
+        listed = read_manifest(folder)
+        by_name = {s["name"]: s for s in listed["shards"]}
+        if not all(Path(u).name in by_name for u in urls):
+            listed = None
+    if listed is not None:
+        manifest = dict(listed, shards=[by_name[Path(u).name] for u in urls])
+    else:
+        manifest = scan(urls)
+    manifest["count"] = sum(s["count"] for s in manifest["shards"])
+    shards, missing = _shards(folder, manifest)
+    return Split(name, pattern, manifest, shards, missing)
+
+
+def _glob_or_self(p: str) -> list[str]:
+    return glob.glob(p) if any(c in p for c in "*?[") else [p]
+
+
+def scan(urls: list[str]) -> dict[str, Any]:
+    """A manifest for tar shards without one: counts, resolutions, channels, labels (reads headers)."""
+    shards, resolutions, labels_max, channels = [], None, -1, None
+    for u in urls:
+        keys, count, exts = None, 0, set()
+        try:
+            with tarfile.open(u, "r:") as tf:
+                for ti in tf:
+                    if not ti.isreg():
+                        continue
+                    k, _, suffix = ti.name.rpartition("/")[2].partition(".")
+                    if k != keys:
+                        keys, count = k, count + 1
+                    if count == 1:
+                        exts.add(suffix)
+                    if suffix == "cls":
+                        labels_max = max(labels_max, int(tf.extractfile(ti).read()))
+                    if channels is None and _PNG.match(suffix):
+                        with Image.open(io.BytesIO(tf.extractfile(ti).read())) as im:
+                            channels = 1 if im.mode in ("1", "L", "I;16") else 3
+                    tf.members = []
+        except (tarfile.TarError, OSError, ValueError) as e:
+            raise ValueError(
+                f"cannot scan shard {u} ({type(e).__name__}: {e}); write a manifest with make shards"
+            ) from e
+        res = sorted(int(m.group(1)) for m in map(_PNG.match, exts) if m)
+        if resolutions is None:
+            resolutions = res
+        elif res != resolutions:
+            raise ValueError(f"shard {u} stores resolutions {res}, {urls[0]} stores {resolutions}")
+        shards.append({"name": u, "count": count})
+    if not resolutions:
+        raise ValueError(f"no <key>.<res>.png members in {urls[0]}: not a freqdiff shard set")
+    return {
+        "format": FORMAT,
+        "count": sum(s["count"] for s in shards),
+        "resolutions": resolutions,
+        "channels": channels or 3,
+        "labels": [str(i) for i in range(labels_max + 1)] if labels_max >= 0 else None,
+        "filter": "unknown (scanned, no manifest)",
+        "source": urls[0],
+        "shards": shards,
+        "skipped": {"count": 0, "items": []},
+    }
+
+
+def _check_missing(split: Split, max_bad_fraction: float) -> None:
+    if not split.missing:
+        return
+    total = max(1, split.manifest["count"])
+    lost = sum(s.count for s in split.shards if s.url in set(split.missing))
+    msg = f"{split.name} shard set {split.where}: {len(split.missing)} listed shard(s) missing"
+    msg += f" ({lost} of {total} samples)"
+    if lost > max_bad_fraction * total or lost == total:
+        raise FileNotFoundError(f"{msg}, more than max_bad_fraction={max_bad_fraction}: {split.missing[:5]}")
+    warnings.warn(f"data: {msg}; training without them: {split.missing[:5]}", CorruptDataWarning, 3)

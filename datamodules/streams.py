@@ -1,0 +1,408 @@
+"""Shard streams: tar members -> checked samples -> ``[-1, 1]`` batches, split over ranks and workers.
+
+Used by ``ShardDataModule`` (DESIGN.md §4 Data). Every sample has a global index (its position in
+the manifest's shard order); a *consumer* is one DataLoader worker of one rank, ``j = rank * W +
+worker`` of ``C = world_size * W``. Work is handed out as *units*, ranges of positions inside one
+shard, read with random access (``tarfile`` mode ``r:`` seeks over members it does not need).
+
+- Training (:class:`TrainStream`, infinite): every shard is cut into ``ceil(C / n_shards)`` units so
+  there are at least ``C``; each epoch one permutation seeded by ``(seed, epoch)`` (the same on every
+  rank, so no communication) deals them out, consumer ``j`` taking ``units[j::C]``: node and worker
+  splitting are explicit and within an epoch consumers read disjoint data. A consumer then draws its
+  own units again and again in a fresh random order (resampling; ``with_epoch`` on the loader ends the
+  epoch after a fixed number of batches on every rank), through a shuffle buffer, with flips. All its
+  randomness comes from ``SeedSequence([seed, rank, worker, epoch])``.
+- Evaluation (:class:`EvalStream`, one exact pass): consumer ``j`` reads the contiguous global range
+  ``[j N // C, (j + 1) N // C)`` in order, so every sample is seen exactly once over all ranks and
+  workers, without duplicates. Ranks then get unequal batch counts; ``pad=True`` instead gives every
+  consumer the same number of full batches (computable from the manifest alone) with ``mask`` marking
+  the real samples, for loops in which every rank must join the same collectives.
+
+Batches: ``{"x0": [B, C, r, r], "x0_<r2>": ..., "label": [B]}`` (plus ``index`` / ``mask`` in evaluation),
+images as float32 ``x / 127.5 - 1``, or as uint8 for training under a Trainer (the datamodule turns them
+into floats on the device: 4x fewer bytes between processes and over PCIe). Workers write batches
+into shared memory directly, so handing them to the main process copies nothing.
+
+Bad data (:class:`Health`): a sample whose PNG does not decode or has the wrong size or label is
+skipped with a :class:`CorruptDataWarning`; a shard that cannot be opened, or ends early (truncated),
+counts every sample it did not deliver. Counts live in shared memory (per rank: DataLoader workers
+add to it); when more than ``max_bad_fraction`` of the samples tried are bad a :class:`BadDataError`
+stops the run, naming the last problem.
+"""
+
+from __future__ import annotations
+
+import itertools
+import math
+import multiprocessing as mp
+import tarfile
+import warnings
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+from torch.utils.data import IterableDataset, get_worker_info
+
+from datamodules.manifest import decode_png
+
+_MAX_WARNINGS = 10  # per process and stream; then one note that further ones are counted silently
+
+
+class CorruptDataWarning(UserWarning):
+    """A sample or shard was skipped."""
+
+
+class BadDataError(RuntimeError):
+    """Too large a fraction of the data is unreadable."""
+
+
+@dataclass(frozen=True)
+class Shard:
+    url: str  # local path of the tar file
+    count: int  # samples the manifest says it holds
+    start: int  # global index of its first sample
+
+
+@dataclass(frozen=True)
+class Unit:
+    shard: Shard
+    lo: int  # first position inside the shard
+    hi: int  # one past the last position
+
+
+class Health:
+    """Counts of good and bad samples shared by a rank's workers; raises past ``max_bad_fraction``."""
+
+    def __init__(self, name: str, max_bad_fraction: float, min_checked: int):
+        self.name = name  # "train" / "eval": used in messages
+        self.max_bad_fraction = max_bad_fraction  # fail when bad / tried exceeds this
+        self.min_checked = max(1, min_checked)  # samples tried before a streaming check may fail
+        self.counts = mp.Array("q", 2)  # [good, bad], in shared memory (inherited by workers)
+        self._warned = 0
+
+    @property
+    def good(self) -> int:
+        return int(self.counts[0])
+
+    @property
+    def bad(self) -> int:
+        return int(self.counts[1])
+
+    def add_good(self, n: int = 1) -> None:
+        with self.counts.get_lock():
+            self.counts[0] += n
+
+    def add_bad(self, n: int, message: str) -> None:
+        with self.counts.get_lock():
+            self.counts[1] += n
+        self._warned += 1
+        if self._warned <= _MAX_WARNINGS:
+            note = " (further ones are counted without a warning)" if self._warned == _MAX_WARNINGS else ""
+            warnings.warn(f"data: skipped {n} {self.name} sample(s): {message}{note}", CorruptDataWarning, 2)
+        self.check(final=False, last=message)
+
+    def check(self, final: bool, last: str = "") -> None:
+        good, bad = self.good, self.bad
+        tried = good + bad
+        if tried and bad > self.max_bad_fraction * tried and (final or tried >= self.min_checked):
+            raise BadDataError(
+                f"data: {bad} of {tried} {self.name} samples ({bad / tried:.1%}) are unreadable, more than "
+                f"max_bad_fraction={self.max_bad_fraction}" + (f"; last problem: {last}" if last else "")
+            )
+
+
+# -------------------------------------------------------------------- reading
+def read_unit(unit: Unit, wanted: tuple[str, ...], health: Health) -> Iterator[tuple[int, dict[str, Any]]]:
+    """Samples at positions ``lo .. hi - 1`` of a shard: ``(global index, {suffix: bytes})``.
+
+    Members ``<key>.<suffix>`` are grouped by key; only ``wanted`` suffixes are read. Samples the
+    shard should hold but does not deliver (unopenable, truncated) are reported to ``health``.
+    """
+    shard, lo, hi = unit.shard, unit.lo, unit.hi
+    got, pos, key, cur, error = 0, -1, None, None, None
+    try:
+        with tarfile.open(shard.url, "r:") as tf:
+            for ti in tf:
+                if not ti.isreg():
+                    continue
+                k, _, suffix = ti.name.rpartition("/")[2].partition(".")
+                if k != key:
+                    if cur is not None:
+                        got += 1
+                        yield shard.start + pos, cur
+                    key, pos = k, pos + 1
+                    if pos >= hi:
+                        cur = None
+                        break
+                    cur = {"__key__": k} if pos >= lo else None
+                if cur is not None and suffix in wanted:
+                    cur[suffix] = tf.extractfile(ti).read()
+                tf.members = []  # positions are counted here; do not keep every header
+            if cur is not None:
+                got += 1
+                yield shard.start + pos, cur
+    except (tarfile.TarError, OSError, EOFError) as e:
+        error = f"{type(e).__name__}: {e}"
+    missing = min(hi, shard.count) - lo - got
+    if missing > 0:
+        why = error or f"it ends after {max(pos + 1, 0)} of {shard.count} samples (truncated?)"
+        health.add_bad(missing, f"shard {shard.url} positions {lo}..{hi - 1}: {why}")
+
+
+def decode(
+    sample: dict[str, Any], resolutions: list[int], channels: int, labels: bool
+) -> tuple[list[np.ndarray], int]:
+    """Check and decode one sample: (uint8 ``[r, r, C]`` per resolution, label or -1). Raises ValueError."""
+    imgs = []
+    for r in resolutions:
+        data = sample.get(f"{r}.png")
+        if data is None:
+            raise ValueError(f"no {r}.png member")
+        try:
+            img = decode_png(data, channels)
+        except Exception as e:  # not a PNG, truncated PNG, ...
+            raise ValueError(f"{r}.png does not decode ({type(e).__name__}: {e})") from None
+        if img.shape != (r, r, channels):
+            raise ValueError(f"{r}.png is {img.shape}, expected {(r, r, channels)}")
+        imgs.append(img)
+    label = -1
+    if labels:
+        try:
+            label = int(sample["cls"])
+        except (KeyError, ValueError):
+            raise ValueError("missing or malformed cls member") from None
+    return imgs, label
+
+
+def to_uint8(x: np.ndarray | list[np.ndarray]) -> torch.Tensor:
+    """uint8 ``[B, H, W, C]`` (or a list of ``[H, W, C]``, flipped views too) -> uint8 ``[B, C, H, W]``."""
+    b, (h, w, c) = len(x), x[0].shape
+    out = _empty(torch.uint8, b, c, h, w)
+    o = out.numpy()
+    for i in range(b):
+        o[i] = x[i].transpose(2, 0, 1)  # [C, H, W]
+    return out
+
+
+def to_float(x: np.ndarray | list[np.ndarray] | torch.Tensor) -> torch.Tensor:
+    """uint8 images -> float32 ``[B, C, H, W]`` as ``x / 127.5 - 1`` (0 -> -1, 255 -> 1).
+
+    ``x``: a uint8 tensor ``[B, C, H, W]`` (any device), or numpy ``[B, H, W, C]`` / a list of ``[H, W, C]``.
+    """
+    if not isinstance(x, torch.Tensor):
+        x = to_uint8(x)
+    out = _empty(torch.float32, *x.shape) if x.device.type == "cpu" else torch.empty(x.shape, device=x.device)
+    return out.copy_(x).div_(127.5).sub_(1.0)
+
+
+def batch_to_float(batch: dict[str, Any]) -> dict[str, Any]:
+    """Convert a batch's uint8 images (``x0``, ``x0_<r>``) to float in [-1, 1], in place; returns it."""
+    for k, v in batch.items():
+        if k.startswith("x0") and isinstance(v, torch.Tensor) and v.dtype == torch.uint8:
+            batch[k] = to_float(v)
+    return batch
+
+
+def _empty(dtype: torch.dtype, *shape: int) -> torch.Tensor:
+    """An uninitialised CPU tensor; inside a DataLoader worker allocated in shared memory directly, as
+    torch's ``default_collate`` does, so handing it to the main process copies nothing (pickling a
+    normal tensor would move it there: a 50 MB copy for a float batch of 64 images at 256²)."""
+    if get_worker_info() is None:
+        return torch.empty(shape, dtype=dtype)
+    elem = torch.empty(0, dtype=dtype)
+    storage = elem._typed_storage()._new_shared(math.prod(shape), device=elem.device)
+    return elem.new(storage).resize_(*shape)
+
+
+def _batch(
+    rows: list[tuple[list[np.ndarray], int]], resolutions: list[int], labels: bool, uint8: bool = False
+) -> dict[str, torch.Tensor]:
+    """Decoded samples -> ``{"x0": [B, C, r0, r0], "x0_<r>": ..., "label": [B]}`` (r0 = resolutions[0]).
+
+    Images are float in [-1, 1], or with ``uint8`` left as uint8 (4x fewer bytes) for the datamodule's
+    ``on_after_batch_transfer`` to convert on the training device (:func:`batch_to_float`).
+    """
+    batch = {}
+    for i, r in enumerate(resolutions):
+        x = to_uint8([imgs[i] for imgs, _ in rows])
+        batch["x0" if i == 0 else f"x0_{r}"] = x if uint8 else to_float(x)
+    if labels:
+        batch["label"] = torch.tensor([lab for _, lab in rows], dtype=torch.int64)
+    return batch
+
+
+def _worker() -> tuple[int, int]:
+    info = get_worker_info()
+    return (0, 1) if info is None else (info.id, info.num_workers)
+
+
+def _wanted(resolutions: list[int], labels: bool) -> tuple[str, ...]:
+    return tuple(f"{r}.png" for r in resolutions) + (("cls",) if labels else ())
+
+
+# -------------------------------------------------------------------- splitting
+def train_units(shards: list[Shard], consumers: int) -> list[Unit]:
+    """Every shard cut into ``ceil(consumers / n_shards)`` near-equal ranges (>= ``consumers`` units)."""
+    k = max(1, math.ceil(consumers / max(1, len(shards))))
+    units = []
+    for s in shards:
+        cuts = [s.count * i // k for i in range(k + 1)]
+        units += [Unit(s, a, b) for a, b in zip(cuts, cuts[1:]) if b > a]
+    return units
+
+
+def eval_units(shards: list[Shard], total: int, consumers: int, j: int) -> list[Unit]:
+    """Consumer ``j``'s contiguous global range ``[j N // C, (j + 1) N // C)`` as per-shard units."""
+    a, b = j * total // consumers, (j + 1) * total // consumers
+    return [
+        Unit(s, max(a, s.start) - s.start, min(b, s.start + s.count) - s.start)
+        for s in shards
+        if s.start < b and s.start + s.count > a
+    ]
+
+
+# -------------------------------------------------------------------- streams
+class TrainStream(IterableDataset):
+    """Infinite seeded training batches for one rank; each DataLoader worker builds its own stream."""
+
+    def __init__(
+        self,
+        shards: list[Shard],  # the readable shards of the train split
+        resolutions: list[int],  # decoded per sample; the first is the primary ("x0")
+        channels: int,  # 1 or 3
+        labels: bool,  # whether samples carry "cls"
+        batch_size: int,  # images per batch
+        flip: bool,  # random horizontal flips (the same for every resolution of a sample)
+        shuffle_buffer: int,  # samples in each worker's shuffle buffer (0: none)
+        seed: int,  # base seed
+        rank: int,  # global rank
+        world_size: int,  # number of ranks
+        health: Health,  # bad-sample accounting
+        uint8: bool = False,  # yield uint8 images (converted on the device by the datamodule)
+    ):
+        super().__init__()
+        self.shards, self.resolutions, self.channels, self.labels = shards, resolutions, channels, labels
+        self.batch_size, self.flip, self.shuffle_buffer = batch_size, flip, shuffle_buffer
+        self.seed, self.rank, self.world_size, self.health = seed, rank, world_size, health
+        self.uint8 = uint8
+        self.epoch = 0  # set by the loader in the main process before the workers start
+
+    def units(self, worker: int, num_workers: int) -> list[Unit]:
+        """This consumer's share of the epoch: ``units[j::C]`` of one permutation shared by all."""
+        consumers = self.world_size * num_workers
+        units = train_units(self.shards, consumers)
+        order = np.random.default_rng([self.seed, self.epoch]).permutation(len(units))
+        j = self.rank * num_workers + worker
+        mine = [units[i] for i in order[j::consumers]]
+        return mine or [units[i] for i in order[j % len(units) :: len(units)]]
+
+    def __iter__(self) -> Iterator[dict[str, torch.Tensor]]:
+        worker, num_workers = _worker()
+        rng = np.random.default_rng([self.seed, self.rank, worker, self.epoch])
+        units = self.units(worker, num_workers)
+        bufsize = min(self.shuffle_buffer, sum(u.hi - u.lo for u in units))
+        samples = _shuffle(self._resampled(units, rng), bufsize, rng)
+        while True:
+            rows = []
+            while len(rows) < self.batch_size:
+                index, sample = next(samples)
+                try:
+                    rows.append(decode(sample, self.resolutions, self.channels, self.labels))
+                except ValueError as e:
+                    self.health.add_bad(1, f"sample {index} (key {sample['__key__']}): {e}")
+            self.health.add_good(len(rows))
+            if self.flip:
+                for imgs, _ in rows:
+                    if rng.random() < 0.5:
+                        imgs[:] = [img[:, ::-1] for img in imgs]
+            yield _batch(rows, self.resolutions, self.labels, self.uint8)
+
+    def _resampled(self, units: list[Unit], rng: np.random.Generator) -> Iterator[tuple[int, dict]]:
+        wanted = _wanted(self.resolutions, self.labels)
+        while True:
+            n = 0
+            for i in rng.permutation(len(units)):
+                for item in read_unit(units[i], wanted, self.health):
+                    n += 1
+                    yield item
+            if n == 0:
+                names = sorted({u.shard.url for u in units})
+                raise BadDataError(f"data: no readable training sample in {names}")
+
+
+class EvalStream(IterableDataset):
+    """One exact pass in index order, split over ranks and workers (see the module docstring)."""
+
+    def __init__(
+        self,
+        shards: list[Shard],  # all shards of the split (missing ones are reported as bad when reached)
+        total: int,  # samples in the split
+        resolutions: list[int],  # decoded per sample; the first is the primary ("x0")
+        channels: int,  # 1 or 3
+        labels: bool,  # whether samples carry "cls"
+        batch_size: int,  # images per batch (the last one of a worker may be smaller unless pad)
+        rank: int,  # global rank
+        world_size: int,  # number of ranks
+        pad: bool,  # equal numbers of full batches everywhere, with "mask"
+        health: Health,  # bad-sample accounting
+    ):
+        super().__init__()
+        self.shards, self.total, self.resolutions = shards, total, resolutions
+        self.channels, self.labels, self.batch_size = channels, labels, batch_size
+        self.rank, self.world_size, self.pad, self.health = rank, world_size, pad, health
+
+    def batches_per_worker(self, num_workers: int) -> int:
+        """With ``pad``: the batches every worker of every rank yields (the largest share, rounded up)."""
+        return math.ceil(math.ceil(self.total / (self.world_size * num_workers)) / self.batch_size)
+
+    def __iter__(self) -> Iterator[dict[str, torch.Tensor]]:
+        worker, num_workers = _worker()
+        consumers, j = self.world_size * num_workers, self.rank * num_workers + worker
+        wanted = _wanted(self.resolutions, self.labels)
+        units = eval_units(self.shards, self.total, consumers, j)
+        items = itertools.chain.from_iterable(read_unit(u, wanted, self.health) for u in units)
+        rows, index, n_batches = [], [], 0
+        for i, sample in items:
+            try:
+                rows.append(decode(sample, self.resolutions, self.channels, self.labels))
+                index.append(i)
+            except ValueError as e:
+                self.health.add_bad(1, f"sample {i} (key {sample['__key__']}): {e}")
+            if len(rows) == self.batch_size:
+                yield self._emit(rows, index)
+                rows, index, n_batches = [], [], n_batches + 1
+        want = self.batches_per_worker(num_workers) if self.pad else n_batches + bool(rows)
+        while n_batches < want:
+            yield self._emit(rows, index)
+            rows, index, n_batches = [], [], n_batches + 1
+
+    def _emit(self, rows: list, index: list[int]) -> dict[str, torch.Tensor]:
+        self.health.add_good(len(rows))
+        n_pad = self.batch_size - len(rows) if self.pad else 0
+        if n_pad:
+            blank = [np.zeros((r, r, self.channels), np.uint8) for r in self.resolutions]
+            rows = rows + [(blank, 0)] * n_pad
+        batch = _batch(rows, self.resolutions, self.labels)
+        batch["index"] = torch.tensor(index + [-1] * n_pad, dtype=torch.int64)  # global sample index
+        if self.pad:
+            batch["mask"] = batch["index"] >= 0  # real samples
+        return batch
+
+
+def _shuffle(items: Iterator[Any], bufsize: int, rng: np.random.Generator) -> Iterator[Any]:
+    """Shuffle buffer: fill to ``bufsize``, then emit a random element for each new one."""
+    if bufsize < 2:
+        yield from items
+        return
+    buf: list[Any] = []
+    for item in items:
+        if len(buf) < bufsize:
+            buf.append(item)
+            continue
+        i = int(rng.integers(bufsize))
+        buf[i], item = item, buf[i]
+        yield item
+    rng.shuffle(buf)  # only reached for finite sources
+    yield from buf

@@ -1,0 +1,385 @@
+"""Image folder -> WebDataset shards with a manifest (DESIGN.md §4 Data): ``make shards``.
+
+    make shards SRC=/data/celeba_hq OUT=data/celebahq RES=64,256 [LABELS=folders] [FILTER=lanczos]
+    python -m datamodules.write_shards /data/celeba_hq data/celebahq --res 64,256
+
+Per input image, the same steps as the papers' dataset tools (EDM's ``dataset_tool.py --transform
+center-crop``): decode, apply the EXIF orientation, convert to 8-bit RGB, centre-crop to the
+largest square ``s = min(W, H)`` at ``((W - s) // 2, (H - s) // 2)``, then resize that square to
+every requested resolution with one filter (Lanczos by default). All resolutions of one image go
+into the same sample, so Relay's 64/256 pair and Scale Space's levels share their source.
+
+Conversions: grey, palette and CMYK -> RGB; an alpha channel is composited over white; 16-bit
+images keep their high byte (what Pillow does for 16-bit RGB PNGs). Images whose square side is
+smaller than the largest resolution are rejected unless ``--allow-upscale``.
+
+A sample (see ``manifest.py``): ``<key>.<res>.png`` for each resolution (lossless), ``<key>.cls``
+(class index) with ``--labels folders``, ``<key>.src.txt`` (path relative to SRC). Keys are the
+positions ``%08d`` in the sorted list of inputs that were kept, so they are stable.
+
+Deterministic: inputs are walked in sorted order, results are written in input order whatever the
+number of workers, tar members have fixed metadata and PNG has no time stamp: the same input gives
+byte-identical shards. Unreadable, truncated or non-image files are skipped and listed in the
+manifest with the reason. A folder that already holds another shard set is not overwritten
+unless ``--force`` (an update of the same dataset, same source and options, is allowed).
+"""
+
+from __future__ import annotations
+
+import argparse
+import multiprocessing as mp
+import os
+import sys
+from collections import Counter
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from PIL import Image, ImageOps
+from tqdm.auto import tqdm
+
+from datamodules.manifest import (
+    MANIFEST,
+    ShardWriter,
+    encode_png,
+    make_manifest,
+    read_manifest,
+    write_manifest,
+)
+
+TOOL, VERSION = "write_shards", 1  # bump VERSION when the image processing changes
+FILTERS = {
+    "lanczos": Image.Resampling.LANCZOS,
+    "bicubic": Image.Resampling.BICUBIC,
+    "bilinear": Image.Resampling.BILINEAR,
+    "box": Image.Resampling.BOX,  # area averaging
+    "hamming": Image.Resampling.HAMMING,
+    "nearest": Image.Resampling.NEAREST,
+}
+LABEL_MODES = ("none", "folders")
+
+
+class Skip(Exception):
+    """An input that is left out; ``args[0]`` is the reason written to the manifest."""
+
+
+# -------------------------------------------------------------------- one image
+def to_rgb8(im: Image.Image) -> Image.Image:
+    """Any Pillow image -> 8-bit RGB (alpha over white, 16-bit -> high byte, grey / palette / CMYK -> RGB)."""
+    if im.mode == "RGB":
+        return im
+    if im.mode in ("I;16", "I;16L", "I;16B", "I;16N", "I"):  # 16-bit grey (or 32-bit int)
+        x = np.asarray(im).astype(np.int64)
+        x = np.clip(x >> 8 if im.mode.startswith("I;16") or x.max() > 255 else x, 0, 255).astype(np.uint8)
+        return Image.fromarray(x, "L").convert("RGB")
+    if im.mode == "F":
+        raise Skip(f"unsupported mode {im.mode} (floating point)")
+    if im.mode == "P":
+        im = im.convert("RGBA" if "transparency" in im.info else "RGB")
+    if im.mode in ("RGBA", "LA", "PA", "RGBa", "La"):
+        rgba = im.convert("RGBA")
+        white = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+        return Image.alpha_composite(white, rgba).convert("RGB")
+    return im.convert("RGB")
+
+
+def load_rgb(path: str | os.PathLike) -> Image.Image:
+    """Decode fully (so truncation shows here), apply EXIF orientation, convert to 8-bit RGB."""
+    try:
+        with Image.open(path) as im:
+            im.load()
+            im = ImageOps.exif_transpose(im)
+            return to_rgb8(im)
+    except Skip:
+        raise
+    except Image.UnidentifiedImageError:
+        raise Skip("not an image (Pillow cannot identify it)") from None
+    except Exception as e:  # truncated, corrupt, decompression bomb, ...
+        kind = "truncated" if "truncated" in str(e).lower() else "unreadable"
+        raise Skip(f"{kind} ({type(e).__name__}: {e})") from None
+
+
+def centre_square(im: Image.Image, resolution: int, resample: int) -> np.ndarray:
+    """Centre-crop to the largest square, resize to ``resolution``: uint8 ``[res, res, 3]``."""
+    w, h = im.size
+    s = min(w, h)
+    left, top = (w - s) // 2, (h - s) // 2
+    sq = im.crop((left, top, left + s, top + s))
+    if s != resolution:
+        sq = sq.resize((resolution, resolution), resample=resample)
+    return np.asarray(sq)
+
+
+class Prepare:
+    """Worker function: ``(path, relpath, label) -> (sample members, None)`` or ``(None, reason)``."""
+
+    def __init__(self, resolutions: list[int], filter: str, allow_upscale: bool, png_level: int = 6):
+        self.resolutions = resolutions  # output sides, all stored per sample
+        self.png_level = png_level  # zlib level of the PNGs (0: stored, decodes ~2x faster, ~1.7x larger)
+        self.resample = FILTERS[filter]  # Pillow resampling filter
+        self.allow_upscale = allow_upscale  # accept squares smaller than the largest resolution
+
+    def __call__(self, task: tuple[str, str, int | None]) -> tuple[dict[str, bytes] | None, str | None]:
+        path, rel, label = task
+        try:
+            im = load_rgb(path)
+            side = min(im.size)
+            if side < max(self.resolutions) and not self.allow_upscale:
+                raise Skip(
+                    f"too small ({im.size[0]}x{im.size[1]}: square side {side} < {max(self.resolutions)}; "
+                    "ALLOW_UPSCALE=1 to keep it)"
+                )
+            members = {
+                f"{r}.png": encode_png(centre_square(im, r, self.resample), self.png_level)
+                for r in self.resolutions
+            }
+        except Skip as e:
+            return None, str(e.args[0])
+        if label is not None:
+            members["cls"] = str(label).encode("ascii")
+        members["src.txt"] = rel.encode("utf-8")
+        return members, None
+
+
+# -------------------------------------------------------------------- the folder
+def list_inputs(
+    src: Path, labels: str, exclude: Path | None = None
+) -> tuple[list[tuple[str, str, int | None]], list[str] | None, list[str]]:
+    """Files under ``src`` in sorted order -> (tasks (path, relpath, label), class names, skipped items).
+
+    Hidden files and folders (``.name``) are ignored; with ``labels="folders"`` the class is the first
+    sub-folder of ``src`` (sorted names -> 0, 1, ...) and files directly in ``src`` are skipped.
+    """
+    if not src.exists():
+        raise FileNotFoundError(f"SRC {src} does not exist")
+    if not src.is_dir():
+        raise NotADirectoryError(f"SRC {src} is not a folder of images")
+    files: list[str] = []
+    for root, dirs, names in os.walk(src):
+        dirs[:] = sorted(d for d in dirs if not d.startswith(".") and Path(root, d).resolve() != exclude)
+        files += [Path(root, n).relative_to(src).as_posix() for n in names if not n.startswith(".")]
+    files.sort()
+    if not files:
+        raise ValueError(f"SRC {src} holds no files (expected images, optionally in class sub-folders)")
+    skipped: list[str] = []
+    if labels == "none":
+        return [(str(src / f), f, None) for f in files], None, skipped
+    classes = sorted({f.split("/")[0] for f in files if "/" in f})
+    if not classes:
+        raise ValueError(f"LABELS=folders but SRC {src} has no sub-folders (one per class expected)")
+    index = {c: i for i, c in enumerate(classes)}
+    tasks = []
+    for f in files:
+        if "/" in f:
+            tasks.append((str(src / f), f, index[f.split("/")[0]]))
+        else:
+            skipped.append(f"{f}: not inside a class folder (LABELS=folders)")
+    return tasks, classes, skipped
+
+
+def _reason_kind(item: str) -> str:
+    return item.split(": ", 1)[1].split(" (")[0]
+
+
+def _identity(manifest: dict[str, Any]) -> dict[str, Any]:
+    """What makes two shard sets the same dataset (shard size and PNG compression do not)."""
+    params = {
+        f"params.{k}": v
+        for k, v in (manifest.get("params") or {}).items()
+        if k not in ("shard_size", "png_level")
+    }
+    keys = ("source", "resolutions", "filter", "channels")
+    return {**{k: manifest.get(k) for k in keys}, **params}
+
+
+def _check_out(out: Path, want: dict[str, Any], force: bool) -> None:
+    """Refuse to overwrite another dataset (or a folder of other files) unless ``force``."""
+    if not out.exists():
+        return
+    if not out.is_dir():
+        raise NotADirectoryError(f"OUT {out} exists and is not a folder")
+    if force:
+        return
+    if (out / MANIFEST).exists():
+        try:
+            old = read_manifest(out)
+        except ValueError as e:
+            raise FileExistsError(
+                f"OUT {out} holds an unreadable manifest ({e}); FORCE=1 to overwrite"
+            ) from e
+        have = _identity(old)
+        diff = sorted(k for k in want if have.get(k) != want[k])
+        if diff:
+            details = ", ".join(f"{k}: {have.get(k)!r} -> {want[k]!r}" for k in diff)
+            raise FileExistsError(
+                f"OUT {out} already holds a different shard set ({details}); "
+                "choose another OUT or FORCE=1 (--force) to replace it"
+            )
+        return
+    others = [p.name for p in out.iterdir() if not p.name.startswith(".")]
+    if others:
+        raise FileExistsError(
+            f"OUT {out} is not empty and holds no {MANIFEST} (e.g. {sorted(others)[:3]}); "
+            "choose an empty folder or FORCE=1 (--force)"
+        )
+
+
+def write_shards(
+    src: str | os.PathLike,  # folder of images (class sub-folders with labels="folders")
+    out: str | os.PathLike,  # output folder: shard-NNNNNN.tar + manifest.json
+    resolutions: list[int],  # square sides to store, all in every sample
+    labels: str = "none",  # "folders": class index from the first sub-folder name
+    filter: str = "lanczos",  # resize filter, one of FILTERS
+    allow_upscale: bool = False,  # keep images smaller than the largest resolution (upsampled)
+    workers: int | None = None,  # decode/encode processes (None: all cores, 1: in this process)
+    shard_size: int = 1000,  # samples per shard
+    png_level: int = 6,  # PNG zlib level 0-9 (0: stored, ~2x faster to decode, ~1.7x larger)
+    force: bool = False,  # replace a different shard set in `out`
+    progress: bool = True,  # tqdm progress bar
+) -> dict[str, Any]:
+    """Convert an image folder into shards; returns the manifest (also written to ``out``)."""
+    resolutions = sorted({int(r) for r in resolutions})
+    if not resolutions or resolutions[0] < 1:
+        raise ValueError(f"resolutions must be positive ints, got {resolutions}")
+    if filter not in FILTERS:
+        raise ValueError(f"unknown filter {filter!r}; choose one of {', '.join(FILTERS)}")
+    if labels not in LABEL_MODES:
+        raise ValueError(f"labels must be one of {LABEL_MODES}, got {labels!r}")
+    if shard_size < 1:
+        raise ValueError(f"shard_size must be >= 1, got {shard_size}")
+    if not 0 <= png_level <= 9:
+        raise ValueError(f"png_level must be in 0..9, got {png_level}")
+    src, out = Path(src).resolve(), Path(out).resolve()
+    params = {
+        "tool": TOOL,
+        "version": VERSION,
+        "labels": labels,
+        "allow_upscale": bool(allow_upscale),
+        "shard_size": int(shard_size),
+        "png_level": int(png_level),
+        "crop": "centre square",
+        "exif_transpose": True,
+        "alpha": "composited over white",
+    }
+    want = _identity(
+        {"source": str(src), "resolutions": resolutions, "filter": filter, "channels": 3, "params": params}
+    )
+    tasks, classes, skipped = list_inputs(src, labels, exclude=out)
+    _check_out(out, want, force)
+
+    out.mkdir(parents=True, exist_ok=True)
+    (out / MANIFEST).unlink(missing_ok=True)  # a crash never leaves a manifest over other shards
+    old = {p.name for p in out.glob("shard-*.tar")}
+    workers = max(1, (len(os.sched_getaffinity(0)) if workers is None else int(workers)))
+    prepare = Prepare(resolutions, filter, allow_upscale, png_level)
+    bar = tqdm(
+        total=len(tasks), desc=f"shards {','.join(map(str, resolutions))}", unit="img", disable=not progress
+    )
+    pool = mp.get_context().Pool(workers) if workers > 1 and len(tasks) > 1 else None
+    try:
+        results = pool.imap(prepare, tasks, chunksize=8) if pool else map(prepare, tasks)
+        with ShardWriter(out, shard_size=shard_size) as w:
+            for (_, rel, _), (members, reason) in zip(tasks, results):  # input order: deterministic
+                bar.update(1)
+                if members is None:
+                    skipped.append(f"{rel}: {reason}")
+                    continue
+                w.write({"__key__": f"{w.count:08d}", **members})
+    finally:
+        bar.close()
+        if pool is not None:
+            pool.terminate()
+    if w.count == 0:
+        raise ValueError(
+            f"no usable images in SRC {src} ({len(skipped)} skipped, e.g. {skipped[:3]}); nothing written"
+        )
+    for name in old - {s["name"] for s in w.shards}:  # stale shards of a larger earlier version
+        (out / name).unlink()
+    manifest = make_manifest(
+        count=w.count,
+        resolutions=resolutions,
+        channels=3,
+        shards=w.shards,
+        labels=classes,
+        filter=filter,
+        source=str(src),
+        skipped=skipped,
+        reasons=dict(sorted(Counter(_reason_kind(s) for s in skipped).items())),
+        params=params,
+    )
+    write_manifest(out, manifest)
+    return manifest
+
+
+# -------------------------------------------------------------------- command line
+def _ints(text: str) -> list[int]:
+    try:
+        values = [int(v) for v in text.replace(" ", "").split(",") if v]
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"RES must be comma-separated ints like 64,256, got {text!r}"
+        ) from None
+    if values and min(values) < 1:
+        raise argparse.ArgumentTypeError(f"RES must be positive ints like 64,256, got {text!r}")
+    return values
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(
+        prog="python -m datamodules.write_shards",
+        description="Convert a folder of images into WebDataset tar shards with a manifest (make shards).",
+    )
+    p.add_argument("src", nargs="?", default="", help="folder of images (SRC)")
+    p.add_argument("out", nargs="?", default="", help="output folder (OUT)")
+    p.add_argument("--res", type=_ints, default=None, help="resolutions, e.g. 64,256 (RES)")
+    p.add_argument(
+        "--labels", choices=LABEL_MODES, default="none", help="folders: class = sub-folder (LABELS)"
+    )
+    p.add_argument("--filter", choices=sorted(FILTERS), default="lanczos", help="resize filter (FILTER)")
+    p.add_argument(
+        "--allow-upscale", action="store_true", help="keep images smaller than RES (ALLOW_UPSCALE=1)"
+    )
+    p.add_argument("--workers", type=int, default=None, help="processes (WORKERS; default: all cores)")
+    p.add_argument("--shard-size", type=int, default=1000, help="samples per shard")
+    p.add_argument(
+        "--png-level", type=int, default=6, help="PNG zlib level; 0 decodes ~2x faster, ~1.7x larger"
+    )
+    p.add_argument("--force", action="store_true", help="replace another shard set in OUT (FORCE=1)")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    a = p.parse_args(argv)
+    missing = [n for n, v in (("SRC", a.src), ("OUT", a.out), ("RES", a.res)) if not v]
+    if missing:
+        p.error(f"{', '.join(missing)} required, e.g. make shards SRC=/data/images OUT=data/name RES=64,256")
+    try:
+        m = write_shards(
+            a.src,
+            a.out,
+            a.res,
+            labels=a.labels,
+            filter=a.filter,
+            allow_upscale=a.allow_upscale,
+            workers=a.workers,
+            shard_size=a.shard_size,
+            png_level=a.png_level,
+            force=a.force,
+            progress=not a.quiet,
+        )
+    except (OSError, ValueError) as e:
+        print(f"write_shards: error: {e}", file=sys.stderr)
+        return 2
+    size = sum(s["bytes"] for s in m["shards"]) / 2**20
+    n_shards = len(m["shards"])
+    print(
+        f"wrote {m['count']} samples at {m['resolutions']} into {n_shards} shards ({size:.1f} MiB) in {a.out}"
+    )
+    if m["labels"]:
+        names = ", ".join(m["labels"][:5]) + (", ..." if len(m["labels"]) > 5 else "")
+        print(f"labels: {len(m['labels'])} classes ({names})")
+    if m["skipped"]["count"]:
+        where = Path(a.out) / MANIFEST
+        print(f"skipped {m['skipped']['count']} inputs: {m['skipped']['reasons']} (listed in {where})")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
