@@ -40,3 +40,25 @@ lint: install
 
 format: install
 	$(VENV)/bin/ruff format . && $(VENV)/bin/ruff check --fix .
+
+# Image folder -> WebDataset shards + manifest (README "Datasets"; python -m datamodules.write_shards -h):
+#   make shards SRC=/data/ffhq OUT=data/ffhq RES=64,256 [LABELS=folders] [FILTER=lanczos] [ALLOW_UPSCALE=1]
+#               [WORKERS=8] [FORCE=1]
+.PHONY: shards
+shards: install
+	$(PY) -m datamodules.write_shards "$(SRC)" "$(OUT)" --res "$(RES)" --labels $(or $(LABELS),none) \
+		--filter $(or $(FILTER),lanczos) $(if $(filter 1,$(ALLOW_UPSCALE)),--allow-upscale) \
+		$(if $(WORKERS),--workers $(WORKERS)) $(if $(filter 1,$(FORCE)),--force)
+
+# Standalone sampling and evaluation of a trained run (README "Evaluation"; python -m experiments sample -h):
+#   make sample RUN=runs/quickstart/default N=50000 [ARGS="--format png --steps 100 --workers 2"]
+#   make eval   RUN=runs/quickstart/default N=50000 [REF=shard/folder | stats.npz] [ARGS="--kid --prc"]
+RUN ?=
+N ?= 50000
+REF ?=
+.PHONY: sample eval
+sample: install
+	$(PY) -m experiments sample "$(RUN)" --n $(N) $(ARGS)
+
+eval: install
+	$(PY) -m experiments eval "$(RUN)" --n $(N) $(if $(REF),--ref "$(REF)") $(ARGS)

@@ -3,14 +3,13 @@
 ``SampleGrid`` samples with the EMA weights and fixed seeds (so grids are comparable over time)
 every ``every_n_steps`` optimiser steps, and logs them to TensorBoard (``samples``) and as PNGs under
 ``<run>/samples/``. At the end of training it writes ``<run>/samples_vs_real.png`` (samples beside
-held-out real images) and ``<run>/final_metrics.json`` with the RAPS log-distance between the
-samples and the same number of held-out images (``eval/spectral``). It only calls
+held-out real images). Numbers (``eval/spectral``, ``eval/swd/<res>``, ``eval/fid`` and
+``<run>/final_metrics.json``) come from ``callbacks.fid.Evaluate``. It only calls
 ``pl_module.sample``, so it works for every method.
 """
 
 from __future__ import annotations
 
-import json
 import time
 from pathlib import Path
 
@@ -18,7 +17,6 @@ import lightning as L
 import torch
 
 from freqdiff.analysis.images import make_grid, save_png, side_by_side
-from freqdiff.metrics.spectra import spectral_distance
 
 
 class SampleGrid(L.Callback):
@@ -29,7 +27,7 @@ class SampleGrid(L.Callback):
         seed: int = 0,  # first sample seed
         steps: int | None = None,  # sampler steps (None: the module's default)
         upscale: int = 4,  # nearest upscaling of the PNGs
-        final: bool = True,  # samples beside real images + spectral distance at the end
+        final: bool = True,  # samples beside real images at the end
     ):
         self.every_n_steps, self.n, self.seed, self.steps = every_n_steps, n, seed, steps
         self.upscale, self.final = upscale, final
@@ -68,12 +66,4 @@ class SampleGrid(L.Callback):
         run_dir = Path(trainer.default_root_dir)
         save_png(panel, run_dir / "samples_vs_real.png")
         self._log_grid(trainer, "samples_vs_real", panel)
-        dist = spectral_distance(x, real)
-        metrics = {"step": trainer.global_step, "n": self.n, "spectral_distance": dist}
-        (run_dir / "final_metrics.json").write_text(json.dumps(metrics, indent=2))
-        if trainer.logger is not None:
-            trainer.logger.log_metrics({"eval/spectral": dist}, step=trainer.global_step)
-        print(
-            f"samples vs held-out real: RAPS log-distance {dist:.4f} (n={self.n}); "
-            f"wrote {run_dir / 'samples_vs_real.png'} in {time.perf_counter() - t0:.1f} s"
-        )
+        print(f"wrote {run_dir / 'samples_vs_real.png'} in {time.perf_counter() - t0:.1f} s")

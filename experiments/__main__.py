@@ -1,4 +1,6 @@
-"""Command line: ``python -m experiments run EXP [key=value ...]`` (what ``make exp`` calls).
+"""Command line: ``python -m experiments run EXP [key=value ...]`` (what ``make exp`` calls),
+``python -m experiments sample RUN [--n N ...]`` (``make sample``) and
+``python -m experiments eval RUN [--n N] [--ref REF ...]`` (``make eval``; see experiments/evaluate.py).
 
 ``DRY=1`` prints the resolved config and exits. Overrides use dotted keys
 (``trainer.max_steps=1000 data.batch_size=16``); ``+key=value`` adds a key that does not exist.
@@ -19,21 +21,104 @@ def main(argv: list[str] | None = None) -> int:
     p_run.add_argument("exp", help="experiment name under experiments/ or a path to a .yaml")
     p_run.add_argument("overrides", nargs="*", help="key=value overrides")
     p_run.add_argument("--dry", action="store_true", help="print the resolved config and exit (also DRY=1)")
+    _add_sample_eval(sub)
     args = parser.parse_args(argv)
+    if args.cmd in ("sample", "eval"):
+        return _sample_eval(args)
     try:
         cfg = load(args.exp, args.overrides)
         if args.dry or env_flag("DRY"):
             print(to_yaml(cfg), end="")
             return 0
-        from experiments.runner import run
+        from experiments.runner import resolve_data_resolution, run
 
-        out = run(cfg)
+        out = run(resolve_data_resolution(cfg, args.exp, args.overrides))
         print(f"run folder: {out['run_dir']}")
         return 0
     except ConfigError as e:
         print(f"config error: {e}", file=sys.stderr)
         return 2
     except FileNotFoundError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+
+
+def _add_sample_eval(sub) -> None:
+    for name, text in (
+        ("sample", "write EMA samples of a run in resumable chunks"),
+        ("eval", "FID / SWD / spectral distance of a run's EMA samples, to a JSON"),
+    ):
+        p = sub.add_parser(name, help=text)
+        p.add_argument("run", help="run folder (runs/<experiment>/<name>) or a .ckpt")
+        p.add_argument("--n", type=int, default=50000, help="number of samples (default 50000)")
+        p.add_argument("--seed", type=int, default=0, help="first per-sample seed (seeds seed..seed+n-1)")
+        p.add_argument("--steps", type=int, default=None, help="sampler steps (default: the module's)")
+        p.add_argument("--eta", type=float, default=None, help="sampler eta (default: the module's)")
+        p.add_argument("--batch-size", type=int, default=64, help="seeds per sampler call")
+        p.add_argument("--chunk", type=int, default=1000, help="seeds per resumable chunk")
+        p.add_argument("--workers", type=int, default=None, help="processes (default: local GPUs, else 1)")
+        p.add_argument("--precision", default=None, help="bf16-mixed | 16-mixed | 32 (default: the run's)")
+        p.add_argument("--out", default=None, help="output folder (sample) or JSON path (eval)")
+        p.add_argument("--no-progress", action="store_true", help="no progress bars")
+        if name == "sample":
+            p.add_argument("--format", choices=("npz", "png"), default="npz", help="chunk format")
+        else:
+            p.add_argument(
+                "--ref", default=None, help="shard folder or .npz (mu, sigma); default: the run's data"
+            )
+            p.add_argument("--ref-split", choices=("train", "val"), default="train", help="reference split")
+            p.add_argument("--ref-n", type=int, default=None, help="reference images (default: n, capped)")
+            p.add_argument(
+                "--fid",
+                choices=("auto", "true", "false"),
+                default="auto",
+                help="auto: FID when Inception weights are found; true: fail without them",
+            )
+            p.add_argument("--weights", default=None, help="Inception weights file")
+            p.add_argument("--swd-n", type=int, default=2048, help="images per set for SWD (0: off)")
+            p.add_argument("--swd-min-res", type=int, default=16, help="coarsest SWD pyramid level")
+            p.add_argument("--kid", action="store_true", help="also KID (keeps features)")
+            p.add_argument("--prc", action="store_true", help="also precision / recall (keeps features)")
+            p.add_argument("--cache-dir", default=None, help="reference statistics cache")
+
+
+def _sample_eval(args) -> int:
+    from experiments.evaluate import evaluate_run, sample_run
+    from freqdiff.metrics.fid import InceptionWeightsNotFound
+
+    common = dict(
+        n=args.n,
+        seed=args.seed,
+        steps=args.steps,
+        eta=args.eta,
+        batch_size=args.batch_size,
+        chunk=args.chunk,
+        workers=args.workers,
+        precision=args.precision,
+        out=args.out,
+        progress=not args.no_progress,
+    )
+    try:
+        if args.cmd == "sample":
+            sample_run(args.run, fmt=args.format, **common)
+        else:
+            fid = {"auto": "auto", "true": True, "false": False}[args.fid]
+            evaluate_run(
+                args.run,
+                ref=args.ref,
+                ref_split=args.ref_split,
+                ref_n=args.ref_n,
+                fid=fid,
+                weights=args.weights,
+                swd_n=args.swd_n,
+                swd_min_res=args.swd_min_res,
+                kid=args.kid,
+                prc=args.prc,
+                cache_dir=args.cache_dir,
+                **common,
+            )
+        return 0
+    except (FileNotFoundError, InceptionWeightsNotFound, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
 

@@ -78,7 +78,7 @@ def prepare_run_dir(cfg: DictConfig) -> tuple[DictConfig, Path, str | None]:
         diff = config_diff(OmegaConf.to_container(OmegaConf.load(saved), resolve=True), new)
         if diff:
             raise ConfigError(
-                f"{run_dir} holds a run with a different config; refusing to resume into it. Changed keys:\n  "
+                f"{run_dir} holds a run with a different config; refusing to resume. Changed keys:\n  "
                 + "\n  ".join(diff)
                 + "\nUse run.resume=false to start over under a new name, or run.name=... for another run."
             )

@@ -67,7 +67,11 @@ def _check_key(cfg: DictConfig, key: str) -> None:
     for i, part in enumerate(parts):
         if not isinstance(node, DictConfig) or node._get_node(part, validate_access=False) is None:
             here = ".".join(parts[:i])
-            siblings = [f"{here}.{k}" if here else str(k) for k in node.keys()] if isinstance(node, DictConfig) else []
+            siblings = (
+                [f"{here}.{k}" if here else str(k) for k in node.keys()]
+                if isinstance(node, DictConfig)
+                else []
+            )
             hint = difflib.get_close_matches(key, siblings or _all_keys(cfg), n=3, cutoff=0.5)
             raise ConfigError(
                 f"unknown config key {key!r}"

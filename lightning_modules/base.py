@@ -40,7 +40,12 @@ class DiffusionModule(L.LightningModule):
         super().__init__()
         self.denoiser = denoiser
         self.ema = copy.deepcopy(denoiser).requires_grad_(False)  # eval mode only while sampling
-        self.lr, self.weight_decay, self.betas, self.warmup_steps = lr, weight_decay, tuple(betas), warmup_steps
+        self.lr, self.weight_decay, self.betas, self.warmup_steps = (
+            lr,
+            weight_decay,
+            tuple(betas),
+            warmup_steps,
+        )
         self.ema_halflife_kimg, self.ema_rampup = ema_halflife_kimg, ema_rampup
         self.register_buffer("nimg", torch.zeros((), dtype=torch.long))  # images seen, all ranks
         self._t_last: float | None = None
@@ -113,7 +118,9 @@ class DiffusionModule(L.LightningModule):
             self.denoiser.parameters(), lr=self.lr, betas=self.betas, weight_decay=self.weight_decay
         )
         warm = max(int(self.warmup_steps), 0)
-        sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda step: min(1.0, (step + 1) / warm) if warm else 1.0)
+        sched = torch.optim.lr_scheduler.LambdaLR(
+            opt, lambda step: min(1.0, (step + 1) / warm) if warm else 1.0
+        )
         return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
 
     def on_train_start(self) -> None:

@@ -34,7 +34,12 @@ class DDPMModule(DiffusionModule):
     ):
         super().__init__(Denoiser(net, process, prediction), **base)
         self.process, self.time_sampler, self.min_snr = process, time_sampler, min_snr
-        self.sample_steps, self.sample_eta, self.clip_x0, self.channels = sample_steps, sample_eta, clip_x0, channels
+        self.sample_steps, self.sample_eta, self.clip_x0, self.channels = (
+            sample_steps,
+            sample_eta,
+            clip_x0,
+            channels,
+        )
 
     def _weight(self, t: Tensor) -> Tensor:
         if self.min_snr is None:
@@ -42,7 +47,9 @@ class DDPMModule(DiffusionModule):
         snr = self.process.snr(t)
         # the natural loss of each parameterisation equals w_nat * |x0_hat - x0|^2:
         sd2 = self.denoiser.sigma_data**2
-        w_nat = {"eps": snr, "x0": torch.ones_like(snr), "v": snr + 1, "edm": snr + 1 / sd2}[self.denoiser.prediction]
+        w_nat = {"eps": snr, "x0": torch.ones_like(snr), "v": snr + 1, "edm": snr + 1 / sd2}[
+            self.denoiser.prediction
+        ]
         return snr.clamp(max=self.min_snr) / w_nat
 
     def loss(self, x0: Tensor, labels: Tensor | None = None) -> tuple[Tensor, Tensor]:
@@ -54,7 +61,9 @@ class DDPMModule(DiffusionModule):
         return per_sample, t
 
     @torch.no_grad()
-    def sample(self, seeds, steps: int | None = None, eta: float | None = None, use_ema: bool = True, **kw) -> Tensor:
+    def sample(
+        self, seeds, steps: int | None = None, eta: float | None = None, use_ema: bool = True, **kw
+    ) -> Tensor:
         res = self.process.resolution(0.0)
         with self.sampling(use_ema) as net:
             return sample_ancestral(

@@ -1,8 +1,9 @@
 """Shared test fixtures. ``freqdiff`` is imported first so ``import lightning`` works on CPU torch."""
 
-import freqdiff  # noqa: F401
 import pytest
 import torch
+
+import freqdiff  # noqa: F401
 
 
 @pytest.fixture(autouse=True)

@@ -104,7 +104,9 @@ def test_step_with_true_x0_maps_marginal_to_marginal(process, t, s, eta):
         pytest.skip("a resolution-changing step cannot be deterministic")
     x0 = _x0(N)
     x_t, _ = p.marginal(x0, torch.full((N,), t), NoiseSource(torch.Generator().manual_seed(4)))
-    x_s = p.step(x_t, x0, torch.full((N,), t), torch.full((N,), s), eta, NoiseSource(torch.Generator().manual_seed(5)))
+    x_s = p.step(
+        x_t, x0, torch.full((N,), t), torch.full((N,), s), eta, NoiseSource(torch.Generator().manual_seed(5))
+    )
     direct, _ = p.marginal(x0, torch.full((N,), s), NoiseSource(torch.Generator().manual_seed(6)))
     assert x_s.shape == p.state_shape(x0.shape, s)
     _assert_same_distribution(x_s, direct)

@@ -1,4 +1,4 @@
-"""A real short training run through the runner, resume, and refusal of a changed config (DESIGN.md §3, §6)."""
+"""A short real training run through the runner, resume, and refusal of a changed config (DESIGN §3, §6)."""
 
 from __future__ import annotations
 
@@ -44,7 +44,9 @@ class Probe(L.Callback):
         self.start_step = trainer.global_step
         self.ema = {k: v.clone() for k, v in pl_module.ema.state_dict().items()}
         opt = trainer.optimizers[0]
-        self.exp_avg = [opt.state[p]["exp_avg"].clone() for p in pl_module.denoiser.parameters() if p in opt.state]
+        self.exp_avg = [
+            opt.state[p]["exp_avg"].clone() for p in pl_module.denoiser.parameters() if p in opt.state
+        ]
         self.nimg = int(pl_module.nimg)
 
 
@@ -84,7 +86,12 @@ def test_train_resume_and_refuse(tmp_path, monkeypatch):
     with pytest.raises(ConfigError, match=r"module\.lr: 0\.001 -> 0\.5"):
         run(load("quickstart", tiny_overrides(tmp_path, **{"module.lr": 0.5})))
     # ... unless started over under a new name
-    out3 = run(load("quickstart", tiny_overrides(tmp_path, **{"module.lr": 0.5, "run.resume": False, "trainer.max_steps": 2})))
+    out3 = run(
+        load(
+            "quickstart",
+            tiny_overrides(tmp_path, **{"module.lr": 0.5, "run.resume": False, "trainer.max_steps": 2}),
+        )
+    )
     assert out3["run_dir"].name == "default-2"
 
     # load_run rebuilds the trained module from the run folder
@@ -103,7 +110,9 @@ class Crash(L.Callback):
 def test_crash_keeps_a_resumable_checkpoint(tmp_path, monkeypatch):
     """A run that dies between periodic checkpoints still leaves last.ckpt at the step it reached."""
     monkeypatch.chdir(tmp_path)
-    over = tiny_overrides(tmp_path, **{"run.checkpoint_every_n_steps": 100, "callbacks.samples.every_n_steps": 0})
+    over = tiny_overrides(
+        tmp_path, **{"run.checkpoint_every_n_steps": 100, "callbacks.samples.every_n_steps": 0}
+    )
     with pytest.raises(RuntimeError, match="simulated crash"):
         run(load("quickstart", over), callbacks=[Crash()])
     ckpt = tmp_path / "runs" / "quickstart" / "default" / "checkpoints" / "last.ckpt"

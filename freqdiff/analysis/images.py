@@ -19,7 +19,9 @@ def to_uint8(x: Tensor) -> np.ndarray:
     return x.permute(0, 2, 3, 1).numpy()
 
 
-def make_grid(x: Tensor, nrow: int | None = None, pad: int = 1, upscale: int = 1, pad_value: int = 255) -> np.ndarray:
+def make_grid(
+    x: Tensor, nrow: int | None = None, pad: int = 1, upscale: int = 1, pad_value: int = 255
+) -> np.ndarray:
     """[B, C, H, W] in [-1, 1] -> one uint8 image [H', W', 3]; ``upscale`` repeats pixels (nearest)."""
     imgs = to_uint8(x)
     if upscale > 1:
@@ -30,7 +32,9 @@ def make_grid(x: Tensor, nrow: int | None = None, pad: int = 1, upscale: int = 1
     grid = np.full((ncol * (H + pad) + pad, nrow * (W + pad) + pad, 3), pad_value, np.uint8)
     for i in range(B):
         r, c = divmod(i, nrow)
-        grid[pad + r * (H + pad) : pad + r * (H + pad) + H, pad + c * (W + pad) : pad + c * (W + pad) + W] = imgs[i]
+        grid[pad + r * (H + pad) : pad + r * (H + pad) + H, pad + c * (W + pad) : pad + c * (W + pad) + W] = (
+            imgs[i]
+        )
     return grid
 
 

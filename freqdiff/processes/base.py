@@ -63,7 +63,9 @@ class NoiseSource:
         shape = tuple(int(s) for s in shape)
         if isinstance(self.generators, Sequence):
             if shape[0] != len(self.generators):
-                raise ValueError(f"noise for batch {shape[0]} asked of a source with {len(self.generators)} seeds")
+                raise ValueError(
+                    f"noise for batch {shape[0]} asked of a source with {len(self.generators)} seeds"
+                )
             z = torch.stack([torch.randn(shape[1:], generator=g, dtype=dtype) for g in self.generators])
             return z.to(self.device)
         return torch.randn(shape, generator=self.generators, dtype=dtype, device=self.device)
@@ -86,7 +88,9 @@ class Process(nn.Module):
     def prior(self, shape: Sequence[int], noise: NoiseSource) -> Tensor:
         raise NotImplementedError
 
-    def step(self, x_t: Tensor, x0_hat: Tensor, t: Tensor, s: Tensor, eta: float, noise: NoiseSource) -> Tensor:
+    def step(
+        self, x_t: Tensor, x0_hat: Tensor, t: Tensor, s: Tensor, eta: float, noise: NoiseSource
+    ) -> Tensor:
         raise NotImplementedError
 
     def scalings(self, t: Tensor) -> tuple[Tensor, Tensor]:

@@ -38,7 +38,9 @@ def linear_alpha_bar(T: int = 1000, beta_start: float = 1e-4, beta_end: float = 
 def cosine_alpha_bar(T: int = 1000, s: float = 0.008, max_beta: float = 0.999) -> Tensor:
     """ᾱ_i, i = 1..T, for Nichol & Dhariwal's cosine schedule with β clipped at ``max_beta``."""
     f = lambda t: math.cos((t + s) / (1 + s) * math.pi / 2) ** 2
-    betas = torch.tensor([min(1 - f((i + 1) / T) / f(i / T), max_beta) for i in range(T)], dtype=torch.float64)
+    betas = torch.tensor(
+        [min(1 - f((i + 1) / T) / f(i / T), max_beta) for i in range(T)], dtype=torch.float64
+    )
     return torch.cumprod(1.0 - betas, 0)
 
 
@@ -58,7 +60,12 @@ class GaussianProcess(Process):
             raise ValueError(f"schedule {schedule!r} unknown; expected one of {sorted(SCHEDULES)}")
         if shift <= 0:
             raise ValueError(f"shift must be > 0, got {shift}")
-        self.schedule, self.T, self.image_resolution, self.shift = schedule, int(T), int(resolution), float(shift)
+        self.schedule, self.T, self.image_resolution, self.shift = (
+            schedule,
+            int(T),
+            int(resolution),
+            float(shift),
+        )
         alpha_bar = SCHEDULES[schedule](self.T)
         logsnr = torch.log(alpha_bar) - torch.log1p(-alpha_bar) - 2 * math.log(shift)  # [T], λ_i at t = i/T
         self.register_buffer("logsnr_table", logsnr.float(), persistent=False)
@@ -97,7 +104,9 @@ class GaussianProcess(Process):
     def prior(self, shape: Sequence[int], noise: NoiseSource) -> Tensor:
         return noise(self.state_shape(shape, 1.0))  # N(0, I); the marginal at t = 1 adds √ᾱ_1 x0
 
-    def step(self, x_t: Tensor, x0_hat: Tensor, t: Tensor, s: Tensor, eta: float, noise: NoiseSource) -> Tensor:
+    def step(
+        self, x_t: Tensor, x0_hat: Tensor, t: Tensor, s: Tensor, eta: float, noise: NoiseSource
+    ) -> Tensor:
         a_t, sigma_t = (append_dims(v, x_t.ndim) for v in self.scalings(t))
         a_s, sigma_s = (append_dims(v, x_t.ndim) for v in self.scalings(s))
         eps_hat = (x_t - a_t * x0_hat) / sigma_t

@@ -1,0 +1,428 @@
+"""Standalone sampling and evaluation of a trained run: ``make sample`` / ``make eval`` (DESIGN.md §5).
+
+``sample_run``: ``n`` images with the EMA weights and per-sample seeds ``seed .. seed + n - 1``,
+written in chunks of ``chunk`` seeds to ``<run>/generated/<tag>/`` as ``chunk_NNNNNN.npz`` (uint8
+``images [k, H, W, C]`` and ``seeds [k]``) or ``chunk_NNNNNN/<seed>.png``. The tag names what the
+images depend on (checkpoint step, sampler steps and eta, first seed, precision). A chunk is written
+under a temporary name and renamed when complete, so an interrupted command resumes by skipping the
+chunks that exist.
+
+``evaluate_run``: the metrics of ``n`` such samples against a reference (``callbacks.fid``): FID
+(when Inception weights are found, or always with ``fid=True``), SWD per pyramid level, spectral
+distance, optional KID and precision/recall. Images come from the sample chunks when they exist and
+are generated otherwise. After every chunk a worker saves its streaming statistics
+(``<run>/eval/<tag>-n<n>.state/<what>/part-*.pt`` with the chunks they cover; ``<what>`` hashes the
+extractor, SWD subset, kept features and chunk size), so an interrupted
+evaluation resumes, even with another number of workers. The result is ``<run>/eval/<tag>-n<n>.json``.
+The reference (``ref``): the run's own data (``ref_split``, first ``ref_n`` images, cached
+statistics), a shard folder, or an ``.npz`` with Inception ``mu`` and ``sigma`` (FID only; its
+resize and weights must match for the number to mean anything).
+
+Workers: one process per local GPU (or ``workers`` CPU processes sharing the cores), each taking
+chunks ``w::W``; with one worker everything runs in this process. The reference statistics are
+computed in this process first (cached on disk).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import uuid
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+from callbacks.fid import NFECounter, reference_stats
+from experiments.runner import find_checkpoint, load_run
+from freqdiff.config import instantiate
+from freqdiff.metrics.evaluator import SetStats, compare, quantize
+from freqdiff.metrics.fid import FeatureStats, InceptionFeatures, StatsCache, inception_available
+
+
+# -------------------------------------------------------------------- settings shared by both commands
+def autocast_for(precision: str | None, device: torch.device):
+    """The autocast context of a Lightning precision string (``bf16-mixed``, ``16-mixed``, ``32``...)."""
+    p = str(precision or "32")
+    if p.startswith("bf16"):
+        return torch.autocast(device.type, dtype=torch.bfloat16)
+    if p.startswith("16"):
+        return torch.autocast(device.type, dtype=torch.float16)
+    return torch.autocast(device.type, enabled=False)
+
+
+def default_workers() -> int:
+    return max(1, torch.cuda.device_count())
+
+
+def sampler_settings(
+    module, run: str, cfg, steps: int | None, eta: float | None, precision: str | None
+) -> dict:
+    """What the samples depend on besides the seeds: checkpoint step, sampler steps / eta, precision."""
+    ckpt_step = int(torch.load(find_checkpoint(run), map_location="cpu", weights_only=False)["global_step"])
+    return {
+        "step": ckpt_step,
+        "steps": steps if steps is not None else getattr(module, "sample_steps", None),
+        "eta": eta if eta is not None else getattr(module, "sample_eta", None),
+        "precision": str(precision or cfg.trainer.get("precision", "32")),
+        "sampler": f"{type(module).__name__}.sample",
+        "weights": "ema",
+    }
+
+
+def tag_for(s: dict[str, Any], seed: int) -> str:
+    return f"ema-step{s['step']}-steps{s['steps']}-eta{s['eta']}-seed{seed}-{s['precision']}"
+
+
+def chunk_ranges(n: int, chunk: int) -> list[tuple[int, int]]:
+    if n < 1 or chunk < 1:
+        raise ValueError(f"n and chunk must be >= 1, got n={n}, chunk={chunk}")
+    return [(a, min(n, a + chunk)) for a in range(0, n, chunk)]
+
+
+# -------------------------------------------------------------------- chunk files
+def chunk_path(folder: Path, c: int, fmt: str) -> Path:
+    return folder / (f"chunk_{c:06d}.npz" if fmt == "npz" else f"chunk_{c:06d}")
+
+
+def write_chunk(folder: Path, c: int, fmt: str, images: torch.Tensor, seeds: list[int]) -> Path:
+    """Atomically write uint8 images [k, C, H, W] of ``seeds`` as chunk ``c``."""
+    u8 = quantize(images).permute(0, 2, 3, 1).cpu().numpy()  # [k, H, W, C]
+    final = chunk_path(folder, c, fmt)
+    tmp = folder / f".{final.name}.{os.getpid()}.tmp"
+    if fmt == "npz":
+        with open(tmp, "wb") as f:
+            np.savez(f, images=u8, seeds=np.asarray(seeds, dtype=np.int64))
+    else:
+        from PIL import Image
+
+        tmp.mkdir(parents=True, exist_ok=True)
+        for img, s in zip(u8, seeds):
+            Image.fromarray(img[..., 0] if img.shape[-1] == 1 else img).save(tmp / f"{s:08d}.png")
+    os.replace(tmp, final)
+    return final
+
+
+def read_chunk(folder: Path, c: int, seeds: list[int]) -> torch.Tensor | None:
+    """uint8 [k, C, H, W] of chunk ``c`` if it exists (npz or png) and holds exactly ``seeds``."""
+    npz, png = chunk_path(folder, c, "npz"), chunk_path(folder, c, "png")
+    if npz.is_file():
+        with np.load(npz) as z:
+            if z["seeds"].tolist() != list(seeds):
+                return None
+            return torch.from_numpy(z["images"]).permute(0, 3, 1, 2).contiguous()
+    if png.is_dir():
+        from PIL import Image
+
+        files = [png / f"{s:08d}.png" for s in seeds]
+        if len(list(png.iterdir())) != len(seeds) or not all(f.is_file() for f in files):
+            return None
+        imgs = [np.asarray(Image.open(f)) for f in files]
+        imgs = [i[..., None] if i.ndim == 2 else i for i in imgs]
+        return torch.from_numpy(np.stack(imgs)).permute(0, 3, 1, 2).contiguous()
+    return None
+
+
+# -------------------------------------------------------------------- workers
+def _run_workers(fn, workers: int, args: tuple) -> None:
+    if workers <= 1:
+        fn(0, 1, *args)
+        return
+    import torch.multiprocessing as mp
+
+    mp.spawn(_worker_entry, args=(fn, workers, args), nprocs=workers, join=True)
+
+
+def _worker_entry(w: int, fn, workers: int, args: tuple) -> None:
+    import freqdiff  # noqa: F401  (torchvision hook in the spawned interpreter)
+
+    fn(w, workers, *args)
+
+
+def _device_for(w: int, workers: int) -> torch.device:
+    if torch.cuda.is_available():
+        torch.cuda.set_device(w % torch.cuda.device_count())
+        return torch.device("cuda", w % torch.cuda.device_count())
+    if workers > 1:
+        torch.set_num_threads(max(1, (os.cpu_count() or 1) // workers))
+    return torch.device("cpu")
+
+
+def _load(run: str, device: torch.device):
+    module, cfg = load_run(run, map_location="cpu")
+    return module.to(device).eval(), cfg
+
+
+# -------------------------------------------------------------------- sample
+def sample_run(
+    run: str,  # run folder (or checkpoint)
+    n: int = 50000,  # images
+    fmt: str = "npz",  # "npz" | "png"
+    chunk: int = 1000,  # seeds per chunk file
+    seed: int = 0,  # first seed
+    steps: int | None = None,  # sampler steps (None: the module's default)
+    eta: float | None = None,  # sampler eta (None: the module's default)
+    batch_size: int = 64,  # seeds per sample() call
+    workers: int | None = None,  # processes (None: local GPUs, else 1)
+    precision: str | None = None,  # None: the run's trainer.precision
+    out: str | None = None,  # folder (None: <run>/generated/<tag>)
+    progress: bool = True,
+) -> Path:
+    """Write ``n`` samples in resumable chunks; returns the folder."""
+    if fmt not in ("npz", "png"):
+        raise ValueError(f"format must be 'npz' or 'png', got {fmt!r}")
+    module, cfg = _load(run, torch.device("cpu"))
+    s = sampler_settings(module, run, cfg, steps, eta, precision)
+    folder = Path(out) if out else Path(run) / "generated" / tag_for(s, seed)
+    folder.mkdir(parents=True, exist_ok=True)
+    meta = {**s, "n": n, "seed": seed, "chunk": chunk, "format": fmt, "run": str(run)}
+    (folder / "meta.json").write_text(json.dumps(meta, indent=2))
+    todo = [
+        c
+        for c, (a, b) in enumerate(chunk_ranges(n, chunk))
+        if read_chunk(folder, c, list(range(seed + a, seed + b))) is None
+    ]
+    print(f"sample: {n} images to {folder} ({len(todo)} of {len(chunk_ranges(n, chunk))} chunks to do)")
+    if todo:
+        w = workers or default_workers()
+        _run_workers(
+            _sample_worker,
+            min(w, len(todo)),
+            (run, folder, n, chunk, seed, s, fmt, batch_size, todo, progress),
+        )
+    return folder
+
+
+def _sample_worker(w, workers, run, folder, n, chunk, seed, s, fmt, batch_size, todo, progress) -> None:
+    device = _device_for(w, workers)
+    module, _ = _load(run, device)
+    ranges = chunk_ranges(n, chunk)
+    mine = todo[w::workers]
+    bar = tqdm(
+        total=sum(ranges[c][1] - ranges[c][0] for c in mine),
+        disable=not progress,
+        position=w,
+        desc=f"sample[{w}]",
+        unit="img",
+    )
+    for c in mine:
+        a, b = ranges[c]
+        seeds = list(range(seed + a, seed + b))
+        x = _generate(module, seeds, s, batch_size, device, bar)
+        write_chunk(folder, c, fmt, x, seeds)
+    bar.close()
+
+
+@torch.no_grad()
+def _generate(
+    module, seeds: list[int], s: dict, batch_size: int, device: torch.device, bar=None
+) -> torch.Tensor:
+    out = []
+    for i in range(0, len(seeds), batch_size):
+        with autocast_for(s["precision"], device):
+            x = module.sample(seeds[i : i + batch_size], steps=s["steps"], eta=s["eta"], use_ema=True)
+        out.append(quantize(x).cpu())
+        if bar is not None:
+            bar.update(len(out[-1]))
+    return torch.cat(out)
+
+
+# -------------------------------------------------------------------- eval
+def evaluate_run(
+    run: str,  # run folder (or checkpoint)
+    n: int = 50000,  # generated images
+    ref: str | None = None,  # None: the run's data; a shard folder; or an .npz with mu, sigma
+    ref_split: str = "train",  # split of the run's data / shard folder
+    ref_n: int | None = None,  # real images (None: n, capped at the split size)
+    seed: int = 0,  # first seed
+    steps: int | None = None,  # sampler steps
+    eta: float | None = None,  # sampler eta
+    batch_size: int = 64,  # seeds per sample() call, images per feature batch
+    chunk: int = 1000,  # seeds per resumable unit
+    workers: int | None = None,  # processes (None: local GPUs, else 1)
+    precision: str | None = None,  # None: the run's trainer.precision
+    fid: bool | str = "auto",  # True | "auto" | False
+    weights: str | None = None,  # Inception weights file
+    swd_n: int = 2048,  # images per set for SWD (0: off)
+    swd_min_res: int = 16,  # coarsest SWD pyramid level
+    kid: bool = False,
+    prc: bool = False,
+    cache_dir: str | None = None,  # reference statistics cache
+    out: str | None = None,  # JSON path (None: <run>/eval/<tag>-n<n>.json)
+    progress: bool = True,
+) -> dict[str, Any]:
+    """Compute the metrics (module docstring); returns the record written to the JSON."""
+    use_fid = fid is True or (fid == "auto" and inception_available(weights))
+    if fid == "auto" and not use_fid:
+        print("eval: no Inception weights found, FID off (see README 'Evaluation' for where to put them)")
+    device = _device_for(0, 1)
+    module, cfg = _load(run, torch.device("cpu"))
+    s = sampler_settings(module, run, cfg, steps, eta, precision)
+    tag = tag_for(s, seed)
+    extractor = InceptionFeatures(weights).to(device) if use_fid else None
+    keep = kid or prc
+    ref_stats, ref_info = _reference(
+        cfg, ref, ref_split, ref_n, n, extractor, swd_n, keep, cache_dir, batch_size
+    )
+    res = ref_info.pop("resolution")  # the reference's image side (None for an .npz)
+
+    eval_dir = Path(run) / "eval"
+    # partial statistics depend on what is accumulated, and on the chunking: both name the folder
+    what = {
+        "extractor": None if extractor is None else extractor.name,
+        "swd_n": swd_n,
+        "keep": keep,
+        "chunk": chunk,
+    }
+    digest = hashlib.sha256(json.dumps(what, sort_keys=True).encode()).hexdigest()[:10]
+    state_dir = eval_dir / f"{tag}-n{n}.state" / digest
+    state_dir.mkdir(parents=True, exist_ok=True)
+    ranges = chunk_ranges(n, chunk)
+    done = _done_chunks(state_dir)
+    todo = [c for c in range(len(ranges)) if c not in done]
+    print(f"eval: {n} samples ({tag}); {len(todo)} of {len(ranges)} chunks to do; reference {ref_info}")
+    samples_dir = Path(run) / "generated" / tag
+    opts = dict(
+        fid=use_fid, weights=weights, swd_n=swd_n, keep=keep, batch_size=batch_size, progress=progress
+    )
+    if todo:
+        w = min(workers or default_workers(), len(todo))
+        _run_workers(_eval_worker, w, (run, state_dir, samples_dir, ranges, seed, s, todo, res, opts))
+    gen = _merge_parts(state_dir, len(ranges), extractor, swd_n, keep)
+    metrics = compare(
+        gen,
+        ref_stats,
+        swd={"min_res": swd_min_res} if swd_n else None,
+        kid={} if kid else None,
+        prc={} if prc else None,
+    )
+    record = {
+        "run": str(run),
+        "n": gen.n,
+        **s,
+        "seed": seed,
+        "nfe": _nfe(module, s, device),
+        **ref_info,
+        "extractor": None if extractor is None else extractor.name,
+        "resize": None if extractor is None else extractor.resize,
+        "swd_n": min(swd_n, gen.n),
+        "metrics": metrics,
+    }
+    path = Path(out) if out else eval_dir / f"{tag}-n{n}.json"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(record, indent=2))
+    print("eval: " + ", ".join(f"{k} {v:.4g}" for k, v in metrics.items()) + f"\nwrote {path}")
+    return record
+
+
+def _nfe(module, s: dict, device: torch.device) -> int | None:
+    """Denoiser calls for one sample (one extra cheap 1-image pass at the sampler's settings)."""
+    net = module.net_for_sampling(True) if hasattr(module, "net_for_sampling") else None
+    if net is None:
+        return None
+    module = module.to(device)
+    with NFECounter(net) as c, torch.no_grad(), autocast_for(s["precision"], device):
+        module.sample([0], steps=s["steps"], eta=s["eta"], use_ema=True)
+    return c.calls
+
+
+def _reference(cfg, ref, ref_split, ref_n, n, extractor, swd_n, keep, cache_dir, batch_size):
+    spectra = True
+    if ref is not None and str(ref).endswith(".npz"):
+        if extractor is None:
+            raise ValueError(
+                f"reference {ref} holds Inception statistics: FID needs weights (fid=true / --weights)"
+            )
+        with np.load(ref) as z:
+            if "mu" not in z or "sigma" not in z:
+                raise ValueError(f"reference {ref}: expected arrays 'mu' and 'sigma', found {list(z.keys())}")
+            mu, sigma = torch.from_numpy(z["mu"]), torch.from_numpy(z["sigma"])
+            count = int(z["n"]) if "n" in z else 50000
+        stats = SetStats(extractor, spectra=False)
+        stats.fid = FeatureStats.from_moments(mu, sigma, count)
+        stats.n = count
+        return stats, {"ref": str(ref), "ref_n": count, "ref_cache": "npz", "resolution": None}
+    if ref is None:
+        dm = instantiate(cfg.data, "data", num_workers=min(int(cfg.data.get("num_workers", 0)), 4))
+        where = "the run's data"
+    else:
+        from datamodules.webdataset import ShardDataModule
+
+        dm = ShardDataModule(
+            path=str(ref), resolution=cfg.data.get("resolution"), batch_size=batch_size, num_workers=2
+        )
+        where = str(ref)
+    dm.prepare_data()
+    dm.setup()
+    count = (dm.val_manifest or dm.manifest)["count"] if ref_split == "val" else dm.manifest["count"]
+    m = min(ref_n or n, count)
+    cache = StatsCache(cache_dir)
+    stats, hit = reference_stats(
+        dm, ref_split, m, extractor, spectra, swd_n, keep, cache, batch_size=batch_size
+    )
+    info = {"ref": where, "ref_split": ref_split, "ref_n": m, "ref_cache": "hit" if hit else "miss"}
+    return stats, {**info, "resolution": int(dm.resolution)}
+
+
+def _eval_worker(w, workers, run, state_dir, samples_dir, ranges, seed, s, todo, res, opts) -> None:
+    device = _device_for(w, workers)
+    extractor = InceptionFeatures(opts["weights"]).to(device) if opts["fid"] else None
+    module = None
+    stats = SetStats(extractor, spectra=True, swd_n=opts["swd_n"], keep_features=opts["keep"])
+    part = state_dir / f"part-{uuid.uuid4().hex[:12]}.pt"
+    mine, covered = todo[w::workers], []
+    bar = tqdm(
+        total=sum(ranges[c][1] - ranges[c][0] for c in mine),
+        disable=not opts["progress"],
+        position=w,
+        desc=f"eval[{w}]",
+        unit="img",
+    )
+    for c in mine:
+        a, b = ranges[c]
+        seeds = list(range(seed + a, seed + b))
+        x = read_chunk(samples_dir, c, seeds) if samples_dir.is_dir() else None
+        if x is None:
+            if module is None:
+                module, _ = _load(run, device)
+            x = _generate(module, seeds, s, opts["batch_size"], device)
+        if res is not None and x.shape[-1] != res:
+            raise ValueError(
+                f"samples are {x.shape[-1]}² but the reference is {res}² (give --ref at {x.shape[-1]}²)"
+            )
+        for i in range(0, x.shape[0], opts["batch_size"]):
+            xb = x[i : i + opts["batch_size"]].to(device)
+            stats.update(xb, torch.arange(a + i, a + i + xb.shape[0]))
+            bar.update(xb.shape[0])
+        covered.append(c)
+        tmp = part.with_suffix(".tmp")
+        torch.save({"chunks": covered, "stats": stats.state_dict()}, tmp)
+        os.replace(tmp, part)  # after every chunk: resumable
+    bar.close()
+
+
+def _done_chunks(state_dir: Path) -> set[int]:
+    done: set[int] = set()
+    for p in sorted(state_dir.glob("part-*.pt")):
+        done |= set(torch.load(p, map_location="cpu", weights_only=False)["chunks"])
+    return done
+
+
+def _merge_parts(state_dir: Path, n_chunks: int, extractor, swd_n: int, keep: bool) -> SetStats:
+    total = SetStats(extractor, spectra=True, swd_n=swd_n, keep_features=keep)
+    seen: list[int] = []
+    for p in sorted(state_dir.glob("part-*.pt")):
+        blob = torch.load(p, map_location="cpu", weights_only=False)
+        part = SetStats(extractor, spectra=True, swd_n=swd_n, keep_features=keep).load_state_dict(
+            blob["stats"]
+        )
+        total.merge(part)
+        seen += blob["chunks"]
+    if sorted(seen) != list(range(n_chunks)):
+        raise RuntimeError(
+            f"{state_dir}: chunks covered {sorted(seen)} != 0..{n_chunks - 1} (delete it and rerun)"
+        )
+    return total
