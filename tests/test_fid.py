@@ -8,6 +8,7 @@ import pytest
 import scipy.linalg
 import torch
 import torch.nn.functional as F
+from helpers import gaussian_blur
 from torch import nn
 
 from freqdiff.metrics.evaluator import SetStats, compare
@@ -181,14 +182,7 @@ class TinyFeatures(nn.Module):
         return torch.cat(feats, 1)  # [B, 64]
 
 
-def _blur(x: torch.Tensor, sigma: float) -> torch.Tensor:
-    r = int(3 * sigma) + 1
-    k = torch.exp(-0.5 * (torch.arange(-r, r + 1) / sigma) ** 2)
-    k = (k / k.sum()).to(x)
-    c = x.shape[1]
-    x = F.pad(x, (r, r, r, r), mode="reflect")
-    x = F.conv2d(x, k.view(1, 1, 1, -1).expand(c, 1, 1, -1), groups=c)
-    return F.conv2d(x, k.view(1, 1, -1, 1).expand(c, 1, -1, 1), groups=c)
+_blur = gaussian_blur
 
 
 def test_fid_grows_with_blur_and_noise():

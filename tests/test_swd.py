@@ -7,7 +7,7 @@ import math
 
 import pytest
 import torch
-import torch.nn.functional as F
+from helpers import gaussian_blur
 
 from freqdiff.metrics.swd import (
     descriptors,
@@ -69,14 +69,7 @@ def test_sliced_wasserstein_of_a_shift_is_its_projected_length():
     assert got == pytest.approx(want, rel=0.05)
 
 
-def _gaussian_blur(x: torch.Tensor, sigma: float) -> torch.Tensor:
-    r = int(3 * sigma) + 1
-    k = torch.exp(-0.5 * (torch.arange(-r, r + 1) / sigma) ** 2)
-    k = (k / k.sum()).to(x)
-    c = x.shape[1]
-    x = F.pad(x, (r, r, r, r), mode="reflect")
-    x = F.conv2d(x, k.view(1, 1, 1, -1).expand(c, 1, 1, -1), groups=c)
-    return F.conv2d(x, k.view(1, 1, -1, 1).expand(c, 1, -1, 1), groups=c)
+_gaussian_blur = gaussian_blur
 
 
 def test_damage_is_located_in_frequency(images):
