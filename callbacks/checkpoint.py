@@ -3,7 +3,7 @@
 - ``AtomicCheckpointIO``: writes ``<path>.tmp`` then ``os.replace``s it, so a run killed while saving
   never leaves a truncated ``last.ckpt``.
 - ``EmbedConfig``: puts the resolved experiment config under ``checkpoint["freqdiff_config"]``, which
-  ``experiments.load_run`` rebuilds the module from.
+  ``freqdiff.checkpoints.load_run`` rebuilds the module from.
 """
 
 from __future__ import annotations
@@ -16,7 +16,8 @@ import lightning as L
 import torch
 from lightning.pytorch.plugins.io import TorchCheckpointIO
 
-CONFIG_KEY = "freqdiff_config"
+from freqdiff.checkpoints import CONFIG_KEY
+
 
 
 class AtomicCheckpointIO(TorchCheckpointIO):

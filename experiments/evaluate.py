@@ -37,7 +37,7 @@ import torch
 from tqdm.auto import tqdm
 
 from callbacks.fid import NFECounter, reference_stats
-from experiments.runner import find_checkpoint, load_run
+from freqdiff.checkpoints import load_run, read_checkpoint
 from freqdiff.config import instantiate
 from freqdiff.metrics.evaluator import SetStats, compare, quantize
 from freqdiff.metrics.fid import FeatureStats, InceptionFeatures, StatsCache, inception_available
@@ -62,7 +62,7 @@ def sampler_settings(
     module, run: str, cfg, steps: int | None, eta: float | None, precision: str | None
 ) -> dict:
     """What the samples depend on besides the seeds: checkpoint step, sampler steps / eta, precision."""
-    ckpt_step = int(torch.load(find_checkpoint(run), map_location="cpu", weights_only=False)["global_step"])
+    ckpt_step = int(read_checkpoint(run)["global_step"])
     return {
         "step": ckpt_step,
         "steps": steps if steps is not None else getattr(module, "sample_steps", None),

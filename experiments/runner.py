@@ -20,7 +20,8 @@ from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.loggers import TensorBoardLogger
 from omegaconf import DictConfig, OmegaConf
 
-from callbacks.checkpoint import CONFIG_KEY, AtomicCheckpointIO, CheckpointOnException, EmbedConfig
+from callbacks.checkpoint import AtomicCheckpointIO, CheckpointOnException, EmbedConfig
+from freqdiff.checkpoints import find_checkpoint, load_run  # noqa: F401  (re-exported for scripts)
 from freqdiff.config import ConfigError, instantiate, load
 
 # keys whose change does not alter what is trained: allowed when resuming
@@ -161,25 +162,3 @@ def run(cfg: DictConfig, callbacks: list | None = None) -> dict[str, Any]:
         print(f"resuming from {ckpt_path}")
     trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path)
     return {"run_dir": run_dir, "trainer": trainer, "module": module, "datamodule": datamodule}
-
-
-def find_checkpoint(path: str | Path) -> Path:
-    p = Path(path)
-    if p.is_dir():
-        p = p / "checkpoints" / "last.ckpt"
-    if not p.is_file():
-        raise FileNotFoundError(
-            f"no checkpoint at {p} (expected a run folder with checkpoints/last.ckpt or a .ckpt)"
-        )
-    return p
-
-
-def load_run(path: str | Path, map_location: str = "cpu"):
-    """Rebuild a trained module from a run folder or checkpoint; returns (module in eval mode, config)."""
-    ckpt = torch.load(find_checkpoint(path), map_location=map_location, weights_only=False)
-    if CONFIG_KEY not in ckpt:
-        raise ValueError(f"{path}: checkpoint has no embedded freqdiff config")
-    cfg = OmegaConf.create(ckpt[CONFIG_KEY])
-    module = instantiate(cfg.module, "module")
-    module.load_state_dict(ckpt["state_dict"])
-    return module.eval(), cfg

@@ -1,8 +1,13 @@
-"""Training-time samplers of t ∈ [0, 1] (METHODS.md §1): callables ``(n, generator) -> t [n]``.
+"""Training-time samplers of t ∈ [0, 1] (METHODS.md §1, §3): ``(n, generator, device, process) -> t [n]``.
 
-Kept apart from the process: which times a model trains on is a training choice.
+Kept apart from the process: which times a model trains on is a training choice. The module passes
+its process, so a sampler defined on the noise level works through the process's own time map.
 - ``UniformTime``: t ~ U(t_min, t_max).
 - ``LogitNormalTime``: t = sigmoid(μ + ς z), z ~ N(0, 1) (SD3 uses μ = 0, ς = 1; Esser et al. 2024).
+- ``LogNormalSigmaTime``: EDM's ln σ ~ N(P_mean, P_std²) (Karras et al. 2022, Table 1; P_mean −1.2,
+  P_std 1.2), mapped to t by ``process.t_from_sigma`` (σ is the EDM noise level sigma/a, so it works
+  for the variance-exploding EDM process and the VP processes alike). σ outside the process's range
+  [σ(0+), σ(1)] is clamped to its end (for EDM's σ ∈ [0.002, 80]: a 1.7e-5 share of the draws).
 """
 
 from __future__ import annotations
@@ -17,8 +22,8 @@ class UniformTime:
             raise ValueError(f"UniformTime needs 0 <= t_min < t_max <= 1, got t_min={t_min}, t_max={t_max}")
         self.t_min, self.t_max = t_min, t_max
 
-    def __call__(self, n: int, generator: torch.Generator | None = None, device="cpu") -> Tensor:
-        u = torch.rand(n, generator=generator)
+    def __call__(self, n: int, generator: torch.Generator | None = None, device="cpu", process=None) -> Tensor:
+        u = torch.rand(n, generator=generator, device=_gen_device(generator, device))
         return (self.t_min + (self.t_max - self.t_min) * u).to(device)
 
 
@@ -28,6 +33,27 @@ class LogitNormalTime:
             raise ValueError(f"LogitNormalTime needs std > 0, got {std}")
         self.mean, self.std = mean, std
 
-    def __call__(self, n: int, generator: torch.Generator | None = None, device="cpu") -> Tensor:
-        z = torch.randn(n, generator=generator)
+    def __call__(self, n: int, generator: torch.Generator | None = None, device="cpu", process=None) -> Tensor:
+        z = torch.randn(n, generator=generator, device=_gen_device(generator, device))
         return torch.sigmoid(self.mean + self.std * z).to(device)
+
+
+class LogNormalSigmaTime:
+    def __init__(self, P_mean: float = -1.2, P_std: float = 1.2):  # mean and std of ln σ (EDM)
+        if P_std <= 0:
+            raise ValueError(f"LogNormalSigmaTime needs P_std > 0, got {P_std}")
+        self.P_mean, self.P_std = P_mean, P_std
+
+    def sigma(self, n: int, generator: torch.Generator | None = None, device="cpu") -> Tensor:
+        z = torch.randn(n, generator=generator, device=_gen_device(generator, device))
+        return torch.exp(self.P_mean + self.P_std * z).to(device)
+
+    def __call__(self, n: int, generator: torch.Generator | None = None, device="cpu", process=None) -> Tensor:
+        if process is None or not hasattr(process, "t_from_sigma"):
+            raise ValueError("LogNormalSigmaTime needs the process (its t_from_sigma) to map σ to t")
+        return process.t_from_sigma(self.sigma(n, generator, device)).clamp(0.0, 1.0)
+
+
+def _gen_device(generator: torch.Generator | None, device) -> torch.device:
+    """Draw on the generator's device (a CPU generator cannot fill a CUDA tensor)."""
+    return generator.device if generator is not None else torch.device(device)

@@ -245,7 +245,7 @@ def run_dir(tmp_path: Path) -> Path:
 def test_sample_command_writes_resumable_chunks(run_dir, tmp_path):
     from experiments.__main__ import main
     from experiments.evaluate import read_chunk, sample_run
-    from experiments.runner import load_run
+    from freqdiff.checkpoints import load_run
 
     assert (
         main(["sample", str(run_dir), "--n", "10", "--chunk", "4", "--batch-size", "3", "--no-progress"]) == 0

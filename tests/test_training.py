@@ -9,7 +9,8 @@ import lightning as L
 import pytest
 import torch
 
-from experiments.runner import load_run, run
+from experiments.runner import run
+from freqdiff.checkpoints import load_run
 from freqdiff.config import ConfigError, load
 
 

@@ -48,12 +48,16 @@ SCHEDULES = {"linear": linear_alpha_bar, "cosine": cosine_alpha_bar}
 
 
 class GaussianProcess(Process):
+    predictions = ("eps", "x0", "v", "edm")
+    white_noise = True
+
     def __init__(
         self,
         schedule: str = "linear",  # 'linear' (β 1e-4..0.02) or 'cosine'
         T: int = 1000,  # number of discrete steps of the reference schedule
         resolution: int = 32,  # image side (the state never changes resolution)
         shift: float = 1.0,  # resolution shift k: log-SNR -> log-SNR - 2 ln k (1 = none)
+        data_range: tuple[float, float] | None = (-1.0, 1.0),  # x0's range, for clip_x0 (None: no clip)
     ):
         super().__init__()
         if schedule not in SCHEDULES:
@@ -66,6 +70,7 @@ class GaussianProcess(Process):
             int(resolution),
             float(shift),
         )
+        self.data_range = None if data_range is None else (float(data_range[0]), float(data_range[1]))
         alpha_bar = SCHEDULES[schedule](self.T)
         logsnr = torch.log(alpha_bar) - torch.log1p(-alpha_bar) - 2 * math.log(shift)  # [T], λ_i at t = i/T
         self.register_buffer("logsnr_table", logsnr.float(), persistent=False)
@@ -78,6 +83,19 @@ class GaussianProcess(Process):
         w = pos - lo
         table = self.logsnr_table.to(t.device)
         return table[lo] * (1 - w) + table[lo + 1] * w
+
+    def t_from_logsnr(self, lam: Tensor) -> Tensor:
+        """The inverse of ``logsnr`` on [1/T, 1] (exact for its piecewise-linear interpolation, clamped)."""
+        table = -self.logsnr_table.to(lam.device)  # increasing in t
+        x = (-lam.float()).clamp(float(table[0]), float(table[-1]))
+        hi = torch.searchsorted(table, x.contiguous()).clamp(1, self.T - 1)
+        lo = hi - 1
+        w = (x - table[lo]) / (table[hi] - table[lo]).clamp(min=1e-12)
+        return (lo.float() + w + 1) / self.T
+
+    def t_from_sigma(self, sigma: Tensor) -> Tensor:
+        """The time where the EDM noise level sigma/a = exp(−λ/2) equals ``sigma`` (clamped to [1/T, 1])."""
+        return self.t_from_logsnr(-2 * torch.log(sigma.float()))
 
     def alpha_bar(self, t: Tensor) -> Tensor:
         return torch.where(t <= 0, torch.ones_like(t, dtype=torch.float32), torch.sigmoid(self.logsnr(t)))
