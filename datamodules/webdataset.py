@@ -287,6 +287,26 @@ class ShardDataModule(L.LightningDataModule):
     def _find(self) -> dict[str, Split] | None:
         return find_splits(self.path, self.val_path, self.max_bad_fraction)
 
+    def planned_resolution(self) -> tuple[int | None, str]:
+        """(primary resolution, where from) as ``setup`` will pick it, without writing data (None: unknown)"""
+        if self.requested_resolution is not None:
+            return int(self.requested_resolution), "set in the config"
+        if self.synthetic is not None and self._synthetic_applies(announce=False):
+            try:  # an up-to-date dead-leaves set is used as it is; anything else is (re)generated
+                same = json_params(Path(self.path) / "train" / MANIFEST) == self.synthetic.params("train")
+            except (OSError, ValueError):
+                same = False
+            where = f"the dead-leaves set in {self.path}" if same else "the synthetic generator's settings"
+            return int(self.synthetic.resolution), f"from {where}"
+        try:
+            splits = self._find()
+        except (OSError, ValueError) as e:
+            return None, f"the shard set at {self.path} is unreadable: {e}"
+        if splits is None:
+            return None, f"no shard set at {self.path}"
+        train = splits["train"]
+        return int(max(train.manifest["resolutions"])), f"the largest in the manifest of {train.where}"
+
     def _split_name(self, split: str) -> str:
         self.setup()
         if split not in ("train", "val"):

@@ -2,8 +2,11 @@
 ``python -m experiments sample RUN [--n N ...]`` (``make sample``) and
 ``python -m experiments eval RUN [--n N] [--ref REF ...]`` (``make eval``; see experiments/evaluate.py).
 
-``DRY=1`` prints the resolved config and exits. Overrides use dotted keys
-(``trainer.max_steps=1000 data.batch_size=16``); ``+key=value`` adds a key that does not exist.
+``DRY=1`` prints the resolved config as the run will use it and exits, writing nothing: a
+``data.resolution: null`` is read from the manifest at ``data.path`` (else the synthetic generator's
+settings), as the run does, and a comment line at the top says where it came from. Overrides use
+dotted keys (``trainer.max_steps=1000 data.batch_size=16``); ``+key=value`` adds a key that does not
+exist.
 """
 
 from __future__ import annotations
@@ -27,13 +30,18 @@ def main(argv: list[str] | None = None) -> int:
         return _sample_eval(args)
     try:
         cfg = load(args.exp, args.overrides)
-        if args.dry or env_flag("DRY"):
-            print(to_yaml(cfg), end="")
-            return 0
-        from experiments.runner import resolve_data_resolution, run
+        from experiments.runner import quiet_libraries, resolve_data, run
 
-        out = run(resolve_data_resolution(cfg, args.exp, args.overrides))
-        print(f"run folder: {out['run_dir']}")
+        with quiet_libraries():  # library banners and warnings that do not matter here (runner.py)
+            if args.dry or env_flag("DRY"):
+                cfg, source = resolve_data(cfg, args.exp, args.overrides, write=False)
+                if "data" in cfg and "resolution" in cfg.data:
+                    res = cfg.data.resolution
+                    print(f"# data.resolution: {'null' if res is None else res} ({source}; no data written)")
+                print(to_yaml(cfg), end="")
+                return 0
+            cfg, source = resolve_data(cfg, args.exp, args.overrides)
+            run(cfg, data_note=source)
         return 0
     except ConfigError as e:
         print(f"config error: {e}", file=sys.stderr)

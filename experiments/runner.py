@@ -5,12 +5,24 @@ TensorBoard events, ``checkpoints/last.ckpt`` and ``samples/``. Running the same
 resumes from ``last.ckpt``; a config that differs from the saved one is refused, naming the keys,
 except keys that may change on resume (``RESUMABLE_KEYS``). ``run.resume=false`` starts over under a
 new name (``default-2``, ``default-3``, ...).
+
+``data.resolution: null`` is decided before anything is built, from a read-only peek at the data
+(``resolve_data``: the manifest at ``data.path``, else the synthetic generator's settings), so
+``--dry`` and the real run agree. The terminal (DESIGN.md §6): a short header and one progress
+line (``callbacks/progress.py``) instead of Lightning's bar and model summary; ``quiet_libraries``
+(called by the command line) silences library messages that do not matter to the user, in one place.
 """
 
 from __future__ import annotations
 
+import contextlib
 import inspect
+import logging
 import os
+import re
+import sys
+import warnings
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -21,6 +33,7 @@ from lightning.pytorch.loggers import TensorBoardLogger
 from omegaconf import DictConfig, OmegaConf
 
 from callbacks.checkpoint import AtomicCheckpointIO, CheckpointOnException, EmbedConfig
+from callbacks.progress import ProgressLine, RunHeader
 from freqdiff.checkpoints import find_checkpoint, load_run  # noqa: F401  (re-exported for scripts)
 from freqdiff.config import ConfigError, instantiate, load
 
@@ -29,9 +42,66 @@ RESUMABLE_KEYS = (
     "trainer.max_steps",
     "trainer.log_every_n_steps",
     "trainer.enable_progress_bar",
+    "trainer.enable_model_summary",
     "run.resume",
 )
 RESUMABLE_SUFFIXES = ("every_n_steps",)
+
+PROJECT_ROOT = Path(__file__).resolve().parent.parent
+
+# Library warnings that tell a user of this project nothing to act on: (message regex, why silenced).
+# Everything else is shown, in particular every warning of the project's own code (bad data, NaN, FID off).
+QUIET_WARNINGS = (
+    (r"The '\w+' does not have many workers", "data.num_workers is a deliberate config value"),
+    (
+        r"You're resuming from a checkpoint that ended before the epoch ended",
+        "the data streams are seeded per (seed, rank, worker, epoch): resuming mid-epoch is by design",
+    ),
+    (r"`isinstance\(treespec, LeafSpec\)` is deprecated", "torch's pytree deprecation, inside Lightning"),
+    (r"The number of training batches \(\d+\) is smaller than the logging", "steps are logged, not epochs"),
+    (r"Checkpoint directory .* exists and is not empty", "a resumed run writes into its own checkpoints/"),
+)
+# Lightning loggers whose INFO lines are banners ("GPU available: ...", "Using bfloat16 AMP", the
+# litlogger / litmodels tips, "`Trainer.fit` stopped"); their warnings still show. The header says it.
+QUIET_LOGGERS = (
+    "lightning.pytorch.utilities.rank_zero",
+    "lightning.fabric.utilities.rank_zero",
+    "lightning.pytorch.accelerators.cuda",  # "LOCAL_RANK: 0 - CUDA_VISIBLE_DEVICES: [0]"
+)
+
+
+@contextlib.contextmanager
+def quiet_libraries() -> Iterator[None]:
+    """Silence ``QUIET_WARNINGS`` and the banners of ``QUIET_LOGGERS`` inside the block (restored after).
+
+    Warnings are shown as ``Category: message`` (plus ``file:line`` when raised in the project's own
+    code), not with the path of the library frame that happened to call the project's hook.
+    """
+    loggers = [logging.getLogger(name) for name in QUIET_LOGGERS]
+    levels = [lg.level for lg in loggers]
+    with warnings.catch_warnings():
+        for pattern, _why in QUIET_WARNINGS:
+            warnings.filterwarnings("ignore", message=pattern)
+        warnings.showwarning = _show_warning
+        for lg in loggers:
+            lg.setLevel(logging.WARNING)
+        try:
+            yield
+        finally:
+            for lg, level in zip(loggers, levels):
+                lg.setLevel(level)
+
+
+def _show_warning(message, category, filename, lineno, file=None, line=None) -> None:
+    path = Path(filename).resolve()
+    where = ""
+    if path.is_relative_to(PROJECT_ROOT) and not re.search(r"[/\\](\.venv|site-packages)[/\\]", str(path)):
+        where = f" ({path.relative_to(PROJECT_ROOT)}:{lineno})"
+    stream = file or sys.stderr
+    try:
+        stream.write(f"{category.__name__}: {message}{where}\n")
+    except OSError:  # no usable stderr (as warnings.showwarning does)
+        pass
 
 
 def flatten(d: Any, prefix: str = "") -> dict[str, Any]:
@@ -95,6 +165,7 @@ def write_atomic(path: Path, text: str) -> None:
 
 
 def build_trainer(cfg: DictConfig, run_dir: Path, extra_callbacks: list) -> L.Trainer:
+    """The Trainer of ``cfg.trainer``; ``enable_progress_bar`` means the runner's ``ProgressLine``."""
     kwargs = OmegaConf.to_container(cfg.trainer, resolve=True)
     allowed = set(inspect.signature(L.Trainer.__init__).parameters) - {
         "self",
@@ -105,6 +176,8 @@ def build_trainer(cfg: DictConfig, run_dir: Path, extra_callbacks: list) -> L.Tr
     for k in kwargs:
         if k not in allowed:
             raise ConfigError(f"trainer.{k}: not an argument of lightning.Trainer")
+    progress = [ProgressLine()] if kwargs.pop("enable_progress_bar", True) else []
+    kwargs.setdefault("enable_model_summary", False)  # RunHeader prints the parameter counts
     logger = TensorBoardLogger(
         save_dir=str(run_dir.parent.parent), name=str(cfg.experiment), version=str(cfg.run.name)
     )
@@ -123,28 +196,73 @@ def build_trainer(cfg: DictConfig, run_dir: Path, extra_callbacks: list) -> L.Tr
     return L.Trainer(
         **kwargs,
         logger=logger,
-        callbacks=checkpointing + extra_callbacks,
+        callbacks=progress + extra_callbacks + checkpointing,
+        enable_progress_bar=False,  # Lightning's bar: replaced by ProgressLine
         plugins=[AtomicCheckpointIO()],
         default_root_dir=str(run_dir),
     )
 
 
-def resolve_data_resolution(cfg: DictConfig, exp: str, overrides: list[str]) -> DictConfig:
-    """``data.resolution: null`` means "the manifest's (largest) resolution": read it, reload with it.
+def resolve_data(
+    cfg: DictConfig, exp: str, overrides: list[str], write: bool = True
+) -> tuple[DictConfig, str]:
+    """``data.resolution: null``: the data's (largest) resolution; returns (cfg, where it came from).
 
-    The reload (rather than setting the key) re-resolves every ``${data.resolution}`` interpolation.
+    Read-only: the datamodule's ``planned_resolution`` reads the manifest at ``data.path``, else the
+    synthetic generator's settings (nothing is generated). The config is then reloaded with
+    ``data.resolution=<res>`` (rather than setting the key) so every ``${data.resolution}``
+    interpolation shows it. When the datamodule cannot tell (no ``planned_resolution``, no shard set
+    and no generator): ``write`` builds and sets it up (which may write data, or fail naming the path),
+    else the config is returned unchanged with the reason.
     """
-    if "data" not in cfg or "resolution" not in cfg.data or cfg.data.resolution is not None:
-        return cfg
-    res = int(instantiate(cfg.data, "data").resolution)  # reads the manifest (writes synthetic data first)
-    print(f"data.resolution from the manifest: {res}")
-    return load(exp, [*overrides, f"data.resolution={res}"])
+    if "data" not in cfg or "resolution" not in cfg.data:
+        return cfg, ""
+    if cfg.data.resolution is not None:
+        return cfg, "set in the config"
+    dm = instantiate(cfg.data, "data")  # constructing writes nothing
+    peek = getattr(dm, "planned_resolution", None)
+    res, source = peek() if peek is not None else (None, f"{type(dm).__name__} tells only after setup")
+    if res is None:
+        if not write:
+            return cfg, source
+        res, source = int(dm.resolution), "read from the data after setting it up"
+    return load(exp, [*overrides, f"data.resolution={res}"]), source
 
 
-def run(cfg: DictConfig, callbacks: list | None = None) -> dict[str, Any]:
+def resolve_data_resolution(cfg: DictConfig, exp: str, overrides: list[str]) -> DictConfig:
+    """``resolve_data`` without the note (for scripts)."""
+    return resolve_data(cfg, exp, overrides)[0]
+
+
+def outputs_summary(run_dir: Path) -> list[str]:
+    """Where a finished run put its results (what exists of it), one line per kind."""
+    kinds = {
+        "samples": ("samples_vs_real.png", "samples"),
+        "strips": ("strips",),
+        "metrics": ("final_metrics.json", "eval/metrics.jsonl"),
+        "checkpoint": ("checkpoints/last.ckpt",),
+    }
+    lines = [f"run folder  {run_dir}"]
+    for kind, rels in kinds.items():
+        shown = []
+        for rel in rels:
+            p = run_dir / rel
+            if p.is_dir():
+                n = len(list(p.glob("*.png")))
+                shown.append(f"{rel}/ ({n} PNG{'' if n == 1 else 's'})")
+            elif p.exists():
+                shown.append(rel)
+        if shown:
+            lines.append(f"  {kind:<12}{', '.join(shown)}")
+    lines.append(f"  {'curves':<12}tensorboard --logdir {run_dir.parent.parent}  (make board)")
+    return lines
+
+
+def run(cfg: DictConfig, callbacks: list | None = None, data_note: str = "") -> dict[str, Any]:
     """Train (or resume) the experiment; returns {run_dir, trainer, module, datamodule}.
 
-    ``callbacks`` are added to the ones the config names (for tests and scripts).
+    ``callbacks`` are added to the ones the config names (for tests and scripts); ``data_note`` (from
+    ``resolve_data``) goes into the header.
     """
     missing = sorted(OmegaConf.missing_keys(cfg))
     if missing:
@@ -154,11 +272,14 @@ def run(cfg: DictConfig, callbacks: list | None = None) -> dict[str, Any]:
     torch.set_float32_matmul_precision("high")
     datamodule = instantiate(cfg.data, "data")
     module = instantiate(cfg.module, "module")
-    cbs = [instantiate(node, f"callbacks.{k}") for k, node in cfg.callbacks.items()] + list(callbacks or [])
-    trainer = build_trainer(cfg, run_dir, cbs)
+    header = RunHeader(
+        experiment=str(cfg.experiment), run_dir=run_dir, ckpt_path=ckpt_path, data_note=data_note
+    )
+    cbs = [header] + [instantiate(node, f"callbacks.{k}") for k, node in cfg.callbacks.items()]
+    trainer = build_trainer(cfg, run_dir, cbs + list(callbacks or []))
     if trainer.is_global_zero:
         write_atomic(run_dir / "config.yaml", OmegaConf.to_yaml(cfg, resolve=True))
-    if ckpt_path:
-        print(f"resuming from {ckpt_path}")
     trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path)
+    if trainer.is_global_zero:
+        print("\n".join(outputs_summary(run_dir)), flush=True)
     return {"run_dir": run_dir, "trainer": trainer, "module": module, "datamodule": datamodule}

@@ -8,9 +8,22 @@ method gets: ``train/loss``, ``train/loss_t{q}`` (per time quartile q = 0..3), `
 - ``sample(seeds, ...) -> images [B, C, H, W]`` in [-1, 1], with EMA weights by default.
 
 EMA (Karras et al. 2022, EDM training loop): half-life in images, ``ema_halflife_kimg``, with a
-warm-up: the half-life is ``min(halflife, rampup * images_seen)``, and per step
-``beta = 0.5 ** (batch / halflife_images)``. The EMA copy takes no gradients (DDP would report unused
+warm-up: the half-life is ``min(halflife, rampup * images_seen)``, and per optimiser step
+``beta = 0.5 ** (batch / halflife_images)``. Or, as most papers quote it, a fixed per-step decay
+``ema_decay`` (e.g. 0.9999; no warm-up): the two are related by ``halflife_images = batch · ln 0.5 /
+ln(decay)`` for the global batch (0.9999 at batch 64 is a half-life of 443.6 kimg). ``batch`` is
+the global batch of the optimiser step: all micro-batches of a gradient accumulation, all ranks; the
+image count ``nimg`` counts the same. The EMA copy takes no gradients (DDP would report unused
 parameters otherwise); it lives in ``state_dict`` so checkpoints carry it.
+
+Randomness (per rank, resumable without saved state): ``generator()`` is this rank's generator for
+the current optimiser step and micro-batch, seeded by ``derive_seed(seed, "train", rank, global_step,
+micro)``: every rank draws its own t and noise, and a resumed run continues the same streams (the
+global step is in the checkpoint). ``generator(shared=True)`` is the same on every rank (batch-wide
+decisions, e.g. one resolution per global batch). Resuming with another world size keeps every
+stream well defined: ranks that existed draw what they would have drawn, new ranks get new streams
+(the global batch then differs from the uninterrupted run's, as the data split does). At the start
+of training the global torch RNG (dropout) is reseeded per rank as well.
 """
 
 from __future__ import annotations
@@ -24,6 +37,7 @@ import torch
 from torch import Tensor
 
 from freqdiff.nets.precond import Denoiser
+from freqdiff.rng import derive_seed
 
 
 class DiffusionModule(L.LightningModule):
@@ -36,6 +50,8 @@ class DiffusionModule(L.LightningModule):
         warmup_steps: int = 0,  # linear LR warm-up, in optimiser steps
         ema_halflife_kimg: float = 500.0,  # EMA half-life in thousands of images
         ema_rampup: float | None = 0.05,  # half-life <= rampup * images seen (None: no warm-up)
+        ema_decay: float | None = None,  # fixed per-step EMA decay (e.g. 0.9999); replaces the half-life
+        seed: int = 0,  # root of the per-rank training generators (the runner passes run.seed)
     ):
         super().__init__()
         self.denoiser = denoiser
@@ -46,9 +62,15 @@ class DiffusionModule(L.LightningModule):
             tuple(betas),
             warmup_steps,
         )
-        self.ema_halflife_kimg, self.ema_rampup = ema_halflife_kimg, ema_rampup
+        if ema_decay is not None and not 0.0 <= ema_decay < 1.0:
+            raise ValueError(f"ema_decay must be in [0, 1), got {ema_decay}")
+        self.ema_halflife_kimg, self.ema_rampup, self.ema_decay = ema_halflife_kimg, ema_rampup, ema_decay
+        self.seed = int(seed)
         self.register_buffer("nimg", torch.zeros((), dtype=torch.long))  # images seen, all ranks
         self._t_last: float | None = None
+        self._pending_images = 0  # images of the micro-batches since the last optimiser step (this rank)
+        self._micro = 0  # micro-batch index within the current gradient accumulation
+        self._generators: dict = {}
 
     # ---- hooks for methods ---------------------------------------------------------------------------
     def loss(self, x0: Tensor, labels: Tensor | None = None) -> tuple[Tensor, Tensor]:
@@ -71,11 +93,36 @@ class DiffusionModule(L.LightningModule):
         finally:
             net.train(was_training)
 
+    # ---- randomness ----------------------------------------------------------------------------------
+    def generator(self, shared: bool = False) -> torch.Generator:
+        """This rank's (or, ``shared``, the all-rank) generator for the current step and micro-batch.
+
+        The same object is returned for the whole micro-batch, so successive draws within it differ.
+        """
+        step, micro = int(self.global_step), self._micro
+        key = (shared, step, micro)
+        g = self._generators.get(key)
+        if g is None:
+            coords = ("shared", step, micro) if shared else ("train", int(self.global_rank), step, micro)
+            g = torch.Generator(device=self.device)
+            g.manual_seed(derive_seed(self.seed, *coords))
+            self._generators = {k: v for k, v in self._generators.items() if k[1:] == (step, micro)}
+            self._generators[key] = g
+        return g
+
+    def on_train_start(self) -> None:
+        self._t_last = None
+        self._pending_images, self._micro = 0, 0
+        # dropout and anything else on the global RNG: a different stream per rank (L.seed_everything
+        # gave every rank the same seed, which is right for the initial weights, wrong afterwards)
+        torch.manual_seed(derive_seed(self.seed, "global", int(self.global_rank), int(self.global_step)))
+
     # ---- training ------------------------------------------------------------------------------------
     def training_step(self, batch: dict, batch_idx: int) -> Tensor:
         x0 = batch["x0"]
-        self._batch_images = x0.shape[0]
         per_sample, t = self.loss(x0, batch.get("label"))
+        self._pending_images += x0.shape[0]
+        self._micro += 1
         loss = per_sample.mean()
         B = x0.shape[0]
         self.log("train/loss", loss, prog_bar=True, batch_size=B)
@@ -90,7 +137,9 @@ class DiffusionModule(L.LightningModule):
         """The optimiser step, then the EMA and image count: both are in place before any callback
         (ModelCheckpoint included) sees the step, so a checkpoint at step N holds EMA and nimg of step N."""
         super().optimizer_step(epoch, batch_idx, optimizer, optimizer_closure)
-        batch_images = self._batch_images * self.trainer.world_size
+        # the closure ran the last micro-batch's training_step: every micro-batch is counted now
+        batch_images = self._pending_images * self.trainer.world_size
+        self._pending_images, self._micro = 0, 0
         self.nimg += batch_images
         self._update_ema(batch_images)
 
@@ -102,12 +151,19 @@ class DiffusionModule(L.LightningModule):
         self._t_last = now
         self.log("perf/kimg", self.nimg.float() / 1000, batch_size=1)
 
-    @torch.no_grad()
-    def _update_ema(self, batch_images: int) -> None:
+    def ema_beta(self, batch_images: int) -> float:
+        """The EMA decay of one optimiser step of ``batch_images`` images (global batch)."""
+        if self.ema_decay is not None:
+            return float(self.ema_decay)
         halflife = self.ema_halflife_kimg * 1000
         if self.ema_rampup is not None:
             halflife = min(halflife, float(self.nimg) * self.ema_rampup)
-        beta = 0.5 ** (batch_images / max(halflife, 1e-8))
+        return 0.5 ** (batch_images / max(halflife, 1e-8))
+
+    @torch.no_grad()
+    def _update_ema(self, batch_images: int) -> None:
+        beta = self.ema_beta(batch_images)
+        self._last_ema_beta = beta
         for p_ema, p in zip(self.ema.parameters(), self.denoiser.parameters()):
             p_ema.lerp_(p.detach(), 1 - beta)
         for b_ema, b in zip(self.ema.buffers(), self.denoiser.buffers()):
@@ -122,6 +178,3 @@ class DiffusionModule(L.LightningModule):
             opt, lambda step: min(1.0, (step + 1) / warm) if warm else 1.0
         )
         return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
-
-    def on_train_start(self) -> None:
-        self._t_last = None

@@ -1,9 +1,11 @@
 """DDPM baseline (Ho et al. 2020; METHODS.md §1) as a thin DiffusionModule.
 
 Loss: the natural loss of the Denoiser's parameterisation, ``|F − target|²`` per sample (ε-prediction
-gives Ho et al.'s L_simple), times an optional weighting: ``min_snr`` = γ multiplies the x0-space loss
-by ``min(SNR, γ)`` (Hang et al. 2023), expressed in the output space of the parameterisation.
-Sampling: ``sample_ancestral`` (DDPM for eta = 1, DDIM for eta = 0) with per-sample seeds.
+gives Ho et al.'s L_simple), or an x0-space weight: ``min_snr`` = γ weights ``|x0_hat − x0|²`` by
+``min(SNR, γ)`` (Hang et al. 2023), else the process's ``loss_weight`` (None: natural); the Denoiser
+converts it to the output space. t and ε come from this rank's generator (``DiffusionModule.generator``).
+Sampling: ``sample_ancestral`` (DDPM for eta = 1, DDIM for eta = 0) with per-sample seeds;
+``clip_x0`` clamps x0_hat through ``process.clip_x0`` (Ho et al. clip to [-1, 1]).
 """
 
 from __future__ import annotations
@@ -12,8 +14,7 @@ import torch
 from torch import Tensor, nn
 
 from freqdiff.nets.precond import Denoiser
-from freqdiff.processes.base import NoiseSource
-from freqdiff.processes.gaussian import GaussianProcess
+from freqdiff.processes.base import NoiseSource, Process
 from freqdiff.samplers import sample_ancestral
 from lightning_modules.base import DiffusionModule
 
@@ -22,7 +23,7 @@ class DDPMModule(DiffusionModule):
     def __init__(
         self,
         net: nn.Module,  # backbone, e.g. freqdiff.nets.presets.unet
-        process: GaussianProcess,  # forward process (schedule, T, shift)
+        process: Process,  # forward process (GaussianProcess, EDMProcess, ...)
         time_sampler,  # training t sampler, (n, generator) -> t
         prediction: str = "eps",  # eps | x0 | v | edm
         min_snr: float | None = None,  # Min-SNR-γ weighting (None: the natural loss)
@@ -30,9 +31,10 @@ class DDPMModule(DiffusionModule):
         sample_eta: float = 0.0,  # default eta (0 DDIM, 1 DDPM)
         clip_x0: bool = False,  # clamp x0_hat during sampling
         channels: int = 3,  # image channels
+        sigma_data: float = 0.5,  # σ_d of EDM preconditioning (prediction "edm")
         **base,  # DiffusionModule arguments (lr, ema_halflife_kimg, ...)
     ):
-        super().__init__(Denoiser(net, process, prediction), **base)
+        super().__init__(Denoiser(net, process, prediction, sigma_data), **base)
         self.process, self.time_sampler, self.min_snr = process, time_sampler, min_snr
         self.sample_steps, self.sample_eta, self.clip_x0, self.channels = (
             sample_steps,
@@ -41,24 +43,18 @@ class DDPMModule(DiffusionModule):
             channels,
         )
 
-    def _weight(self, t: Tensor) -> Tensor:
+    def _weight(self, t: Tensor) -> Tensor | None:
+        """The x0-space loss weight [B] (None: the natural loss of the parameterisation)."""
         if self.min_snr is None:
-            return torch.ones_like(t)
-        snr = self.process.snr(t)
-        # the natural loss of each parameterisation equals w_nat * |x0_hat - x0|^2:
-        sd2 = self.denoiser.sigma_data**2
-        w_nat = {"eps": snr, "x0": torch.ones_like(snr), "v": snr + 1, "edm": snr + 1 / sd2}[
-            self.denoiser.prediction
-        ]
-        return snr.clamp(max=self.min_snr) / w_nat
+            return self.process.loss_weight(t)
+        a, sigma = self.process.scalings(t)
+        return ((a / sigma.clamp(min=1e-20)) ** 2).clamp(max=self.min_snr)
 
     def loss(self, x0: Tensor, labels: Tensor | None = None) -> tuple[Tensor, Tensor]:
-        t = self.time_sampler(x0.shape[0], device=x0.device)
-        x_t, eps = self.process.marginal(x0, t, NoiseSource(None, x0.device))
-        F = self.denoiser.raw(x_t, t, labels)
-        target = self.denoiser.target(x0, eps, x_t, t)
-        per_sample = ((F - target) ** 2).flatten(1).mean(1) * self._weight(t)
-        return per_sample, t
+        g = self.generator()
+        t = self.time_sampler(x0.shape[0], generator=g, device=x0.device, process=self.process)
+        x_t, eps = self.process.marginal(x0, t, NoiseSource(g, x0.device))
+        return self.denoiser.loss(x0, eps, x_t, t, self._weight(t), labels), t
 
     @torch.no_grad()
     def sample(

@@ -1,48 +1,74 @@
 """Contract suite over every forward process (DESIGN.md §7, METHODS.md property 5).
 
-A new process joins by adding one entry to ``PROCESSES``: a factory and its analytic per-pixel
-marginal moments ``(mean, var)`` of q(x_t | x0). Every test below then runs on it unchanged.
+A new process joins by adding one ``Entry`` to ``PROCESSES``: a factory, its data shape, its residual
+signal bound at t = 1 (relative to the prior's std; None for a process without a prior, which starts
+from ``start_from``) and, optionally, analytic moments. Everything else is read off the process: A_t
+and Σ_t are materialised from ``marginal`` (``freqdiff.processes.linear``), ``x0_at`` gives the step's
+input and the conversions' reference, and the exact denoiser of Gaussian data checks the samplers.
 """
 
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
+from dataclasses import dataclass
 
 import pytest
 import torch
 
-from freqdiff.processes.base import NoiseSource
+from freqdiff.processes.base import NoiseSource, Process
+from freqdiff.processes.edm import EDMProcess
 from freqdiff.processes.gaussian import GaussianProcess, cosine_alpha_bar, linear_alpha_bar
+from freqdiff.processes.linear import ExactDenoiser, materialise
 from freqdiff.processes.ops import append_dims
+from freqdiff.samplers import sample_ancestral, sample_heun
 
-RES = 4  # 1 x 4 x 4 states: 16 dimensions, small enough for full covariance checks
-N = 40_000  # Monte Carlo samples
-
-
-def _gaussian_moments(p):
-    def moments(x0, t):
-        a, sigma = (append_dims(v, x0.ndim) for v in p.scalings(t))
-        return a * x0, (sigma**2).expand_as(x0)
-
-    return moments
+N = 20_000  # Monte Carlo samples
 
 
-def _gaussian(**kw):
-    p = GaussianProcess(resolution=RES, **kw)
-    return p, _gaussian_moments(p)
+@dataclass
+class Entry:
+    make: Callable[[], Process]
+    shape: tuple[int, int, int]  # data shape of one sample (C, H, W)
+    residual: float | None  # bound on max |A_1 x0| / prior_std over x0 in [-1, 1]^D; None: no prior
+    moments: Callable | None = None  # analytic (mean, per-pixel var) of q(x_t | x0), if known
+    heun: bool = True  # check sample_heun (white noise, and a σ̃ = sigma/a range its grid can step through)
+
+
+def _white_moments(p, x0, t):
+    a, sigma = (append_dims(v, x0.ndim) for v in p.scalings(t))
+    return a * x0, (sigma**2).expand_as(x0)
 
 
 PROCESSES = {
-    "gaussian-linear": lambda: _gaussian(schedule="linear"),
-    "gaussian-cosine": lambda: _gaussian(schedule="cosine"),
-    "gaussian-linear-shift2": lambda: _gaussian(schedule="linear", shift=2.0),
+    "vp-linear": Entry(lambda: GaussianProcess(schedule="linear", resolution=4), (1, 4, 4), 0.01, _white_moments),
+    # Heun on a uniform-t grid of these: the first step spans σ̃ 20291 -> 6 (cosine) or 314 -> 2 (shift 2), and
+    # the trapezoid correction multiplies the denoiser's change by σ̂/σ_next: checked with sample_ancestral only
+    "vp-cosine": Entry(
+        lambda: GaussianProcess(schedule="cosine", resolution=4), (1, 4, 4), 0.01, _white_moments, heun=False
+    ),
+    "vp-linear-shift2": Entry(
+        lambda: GaussianProcess(schedule="linear", shift=2.0, resolution=2), (3, 2, 2), 0.01, _white_moments, False
+    ),
+    "edm-ve": Entry(lambda: EDMProcess(resolution=4), (1, 4, 4), 0.02, _white_moments),
 }
+TIMES = [0.02, 0.3, 0.7, 1.0]
 
 
-def _x0(batch: int) -> torch.Tensor:
+@pytest.fixture(params=sorted(PROCESSES))
+def entry(request):
+    e = PROCESSES[request.param]
+    return e, e.make()
+
+
+def _x0(shape, batch: int) -> torch.Tensor:
     g = torch.Generator().manual_seed(123)
-    img = torch.rand(1, 1, RES, RES, generator=g) * 2 - 1  # one fixed image
-    return img.expand(batch, -1, -1, -1).contiguous()
+    img = torch.rand(1, *shape, generator=g) * 2 - 1  # one fixed image in [-1, 1]
+    return img.expand(batch, *shape).contiguous()
+
+
+def _noise(seed: int) -> NoiseSource:
+    return NoiseSource(torch.Generator().manual_seed(seed))
 
 
 def _stats(x: torch.Tensor):
@@ -50,75 +76,129 @@ def _stats(x: torch.Tensor):
     return flat.mean(0), torch.cov(flat.T)
 
 
-def _assert_same_distribution(a: torch.Tensor, b: torch.Tensor, tol: float = 0.03):
-    """Mean and full covariance of two sample sets agree (tolerance relative to the variance scale)."""
-    assert a.shape == b.shape
-    ma, ca = _stats(a)
-    mb, cb = _stats(b)
-    scale = max(float(ca.diagonal().mean()), 1e-4)
-    assert (ma - mb).abs().max() < 4 * math.sqrt(scale / a.shape[0]) * 3 + 1e-4, (ma - mb).abs().max()
-    assert (ca - cb).abs().max() < tol * scale + 1e-6, ((ca - cb).abs().max(), scale)
-
-
-@pytest.fixture(params=sorted(PROCESSES))
-def process(request):
-    return PROCESSES[request.param]()
-
-
-TIMES = [0.02, 0.3, 0.7, 1.0]
+def _assert_moments(x: torch.Tensor, mean: torch.Tensor, cov: torch.Tensor, tol: float = 0.05):
+    """Sample mean and covariance of x [N, ...] match (mean [D], cov [D, D]) within Monte Carlo error."""
+    m, c = _stats(x)
+    n, scale = x.shape[0], max(float(cov.diagonal().mean()), 1e-8)
+    sd = cov.diagonal().clamp(min=1e-12).sqrt()
+    assert ((m - mean).abs() / (sd + 1e-6)).max() < 5 / math.sqrt(n) + 1e-3, (m - mean).abs().max()
+    assert (c - cov).abs().max() < tol * scale, ((c - cov).abs().max(), scale)
 
 
 @pytest.mark.parametrize("t", TIMES)
-def test_marginal_moments(process, t):
-    p, moments = process
-    x0 = _x0(N)
+def test_marginal_moments(entry, t):
+    e, p = entry
+    x0 = _x0(e.shape, N)
     tt = torch.full((N,), t)
-    x_t, eps = p.marginal(x0, tt, NoiseSource(torch.Generator().manual_seed(1)))
-    assert x_t.shape == p.state_shape(x0.shape, t)
-    mean, var = moments(x0[:1], tt[:1])
-    emp_mean, emp_var = x_t.double().mean(0), x_t.double().var(0)
-    assert (emp_mean - mean[0]).abs().max() < 5 * math.sqrt(var.max() / N) + 1e-6
-    assert ((emp_var - var[0]).abs() / var[0].clamp(min=1e-8)).max() < 0.05
+    x_t, eps = p.marginal(x0, tt, _noise(1))
+    assert x_t.shape == p.state_shape(x0.shape, t) and eps.shape[0] == N
+    A, S = materialise(p, e.shape, t)
+    _assert_moments(x_t, A @ x0[0].double().reshape(-1), S)
+    if e.moments is not None:  # the materialised matrices agree with the paper's formula
+        mean, var = e.moments(p, x0[:1], tt[:1])
+        torch.testing.assert_close((A @ x0[0].double().reshape(-1)).float(), mean.reshape(-1), atol=1e-5, rtol=1e-4)
+        torch.testing.assert_close(S.diagonal().float(), var.reshape(-1), atol=1e-5, rtol=1e-4)
 
 
-def test_prior_is_marginal_at_one_without_signal(process):
-    p, _ = process
-    zeros = torch.zeros(N, 1, RES, RES)
-    x1, _ = p.marginal(zeros, torch.ones(N), NoiseSource(torch.Generator().manual_seed(2)))
-    prior = p.prior((N, 1, RES, RES), NoiseSource(torch.Generator().manual_seed(3)))
-    assert prior.shape == p.state_shape((N, 1, RES, RES), 1.0)
-    _assert_same_distribution(prior, x1)
-
-
-def test_residual_signal_at_one_is_small(process):
-    p, moments = process
-    mean, _ = moments(torch.ones(1, 1, RES, RES), torch.ones(1))
-    assert mean.abs().max() < 0.05
+def test_prior_is_the_marginal_at_one_up_to_the_residual_signal(entry):
+    e, p = entry
+    A, S = materialise(p, e.shape, 1.0)
+    if e.residual is None:
+        assert p.prior_std is None
+        return
+    residual = float(A.abs().sum(1).max()) / p.prior_std  # max over x0 in [-1, 1]^D of |A_1 x0|_inf
+    assert residual < e.residual, residual
+    prior = p.prior((N, *e.shape), _noise(3))
+    assert prior.shape == p.state_shape((N, *e.shape), 1.0)
+    _assert_moments(prior, torch.zeros(S.shape[0], dtype=torch.float64), S)
+    assert float(S.diagonal().mean()) == pytest.approx(p.prior_std**2, rel=0.02)
 
 
 @pytest.mark.parametrize("eta", [1.0, 0.0])
 @pytest.mark.parametrize("t,s", [(0.9, 0.6), (0.5, 0.45), (0.2, 0.0), (1.0, 0.5)])
-def test_step_with_true_x0_maps_marginal_to_marginal(process, t, s, eta):
-    p, _ = process
+def test_step_with_true_x0_maps_marginal_to_marginal(entry, t, s, eta):
+    e, p = entry
     if eta == 0.0 and p.resolution(t) != p.resolution(s):
         pytest.skip("a resolution-changing step cannot be deterministic")
-    x0 = _x0(N)
-    x_t, _ = p.marginal(x0, torch.full((N,), t), NoiseSource(torch.Generator().manual_seed(4)))
-    x_s = p.step(
-        x_t, x0, torch.full((N,), t), torch.full((N,), s), eta, NoiseSource(torch.Generator().manual_seed(5))
-    )
-    direct, _ = p.marginal(x0, torch.full((N,), s), NoiseSource(torch.Generator().manual_seed(6)))
+    x0 = _x0(e.shape, N)
+    x_t, _ = p.marginal(x0, torch.full((N,), t), _noise(4))
+    x0_hat = p.x0_at(x0, torch.full((N,), s))
+    x_s = p.step(x_t, x0_hat, torch.full((N,), t), torch.full((N,), s), eta, _noise(5))
     assert x_s.shape == p.state_shape(x0.shape, s)
-    _assert_same_distribution(x_s, direct)
+    A, S = materialise(p, e.shape, s)
+    _assert_moments(x_s, A @ x0[0].double().reshape(-1), S)
 
 
-def test_eps_x0_conversions_round_trip(process):
-    p, _ = process
-    x0 = torch.randn(8, 1, RES, RES)
+def test_eps_x0_conversions_round_trip(entry):
+    e, p = entry
+    x0 = torch.rand(8, *e.shape) * 2 - 1
     t = torch.linspace(0.05, 1.0, 8)
-    x_t, eps = p.marginal(x0, t, NoiseSource(torch.Generator().manual_seed(7)))
-    torch.testing.assert_close(p.x0_from_eps(x_t, eps, t), x0, atol=2e-3, rtol=1e-3)
-    torch.testing.assert_close(p.eps_from_x0(x_t, x0, t), eps, atol=1e-4, rtol=1e-4)
+    x_t, eps = p.marginal(x0, t, _noise(7))
+    ref = p.x0_at(x0, t)
+    scale = float(p.scalings(t)[1].max())
+    torch.testing.assert_close(p.x0_from_eps(x_t, eps, t), ref, atol=2e-3, rtol=1e-3)
+    torch.testing.assert_close(p.eps_from_x0(x_t, ref, t), eps, atol=1e-4 * max(scale, 1), rtol=1e-3)
+
+
+def test_process_math_ignores_bf16_autocast(entry):
+    """The precision policy: marginal and step under CPU bf16 autocast agree with the plain run."""
+    e, p = entry
+    x0 = torch.rand(16, *e.shape) * 2 - 1
+    t, s = torch.full((16,), 0.6), torch.full((16,), 0.3)
+    plain_t, _ = p.marginal(x0, t, _noise(8))
+    plain_s = p.step(plain_t, p.x0_at(x0, s), t, s, 1.0, _noise(9))
+    with torch.autocast("cpu", torch.bfloat16):
+        auto_t, _ = p.marginal(x0.bfloat16(), t, _noise(8))
+        auto_s = p.step(auto_t, p.x0_at(x0, s).bfloat16(), t, s, 1.0, _noise(9))
+    assert auto_t.dtype == torch.float32 and auto_s.dtype == torch.float32
+    # x0 was rounded to bf16 on the way in (3 significant digits), nothing else may lose precision
+    x0_b = x0.bfloat16().float()
+    ref_t, _ = p.marginal(x0_b, t, _noise(8))
+    ref_s = p.step(ref_t, p.x0_at(x0_b, s), t, s, 1.0, _noise(9))
+    torch.testing.assert_close(auto_t, ref_t, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(auto_s, ref_s, atol=1e-5, rtol=1e-5)
+    assert (plain_t - auto_t).abs().max() < 0.01
+
+
+# ---- samplers with the exact denoiser of Gaussian data (DESIGN.md §7) ----------------------------------
+def _gaussian_data(shape):
+    d = int(torch.Size(shape).numel())
+    g = torch.Generator().manual_seed(0)
+    mean = (torch.rand(d, generator=g) - 0.5).reshape(shape)
+    B = torch.randn(d, d, generator=g) * 0.15
+    cov = B @ B.T + 0.02 * torch.eye(d)  # correlated pixels
+    return mean, cov
+
+
+def _check_sampler_moments(x, mean, cov, tol=0.075):
+    """Mean within 0.04 and covariance within ``tol`` (relative Frobenius; the Monte Carlo floor at
+    6000 samples is ~0.04, and coarse grids miss it: 0.11-0.34 for 50 ancestral steps)."""
+    m, c = _stats(x)
+    assert (m - mean.reshape(-1).double()).abs().max() < 0.04, (m - mean.reshape(-1)).abs().max()
+    rel = float((c - cov.double()).norm() / cov.double().norm())
+    assert rel < tol, rel
+
+
+@pytest.mark.parametrize("eta", [1.0, 0.0])
+def test_ancestral_sampler_with_exact_denoiser_reproduces_gaussian_data(entry, eta):
+    e, p = entry
+    mean, cov = _gaussian_data(e.shape)
+    D = ExactDenoiser(p, mean, cov)
+    noise = NoiseSource(torch.Generator().manual_seed(11), batch_size=6000)
+    x = sample_ancestral(p, D, noise, e.shape, steps=1000, eta=eta)
+    assert x.shape == (6000, *e.shape)
+    _check_sampler_moments(x, mean, cov)
+
+
+def test_heun_sampler_with_exact_denoiser_reproduces_gaussian_data(entry):
+    e, p = entry
+    if not e.heun:
+        pytest.skip("sample_heun needs a white-noise process")
+    mean, cov = _gaussian_data(e.shape)
+    D = ExactDenoiser(p, mean, cov)
+    noise = NoiseSource(torch.Generator().manual_seed(12), batch_size=6000)
+    x = sample_heun(p, D, noise, e.shape, steps=40)
+    _check_sampler_moments(x, mean, cov)
 
 
 # ---- Gaussian-specific properties (METHODS.md §1, property 8) -------------------------------------------
@@ -129,6 +209,15 @@ def test_discrete_table_is_interpolated_exactly():
     torch.testing.assert_close(p.alpha_bar(i / 1000.0), ab[i - 1].float(), rtol=1e-5, atol=1e-7)
     assert float(linear_alpha_bar(1000)[-1]) == pytest.approx(4.04e-5, rel=0.05)  # residual ᾱ_T
     assert float(cosine_alpha_bar(1000)[0]) > 0.9999
+
+
+def test_t_from_sigma_inverts_the_schedule():
+    p = GaussianProcess(schedule="cosine", shift=2.0)
+    t = torch.linspace(0.002, 1.0, 97)
+    a, sigma = p.scalings(t)
+    torch.testing.assert_close(p.t_from_sigma(sigma / a), t, atol=2e-5, rtol=0)
+    assert float(p.t_from_sigma(torch.tensor([1e-9]))) == pytest.approx(1e-3)  # clamped to [1/T, 1]
+    assert float(p.t_from_sigma(torch.tensor([1e9]))) == 1.0
 
 
 def test_schedule_shift_moves_logsnr_by_two_ln_k():
@@ -142,11 +231,17 @@ def test_pooling_adds_two_ln_n_to_logsnr():
     n, t = 4, torch.full((20_000,), 0.5)
     p = GaussianProcess(resolution=16)
     x0 = torch.zeros(20_000, 1, 16, 16)
-    x_t, _ = p.marginal(x0, t, NoiseSource(torch.Generator().manual_seed(0)))
+    x_t, _ = p.marginal(x0, t, _noise(0))
     pooled_var = torch.nn.functional.avg_pool2d(x_t, n).var()
     sigma2 = p.scalings(t[:1])[1] ** 2
     lam_pooled = p.logsnr(t[:1]) + math.log(sigma2 / pooled_var)
     assert float(lam_pooled - p.logsnr(t[:1])) == pytest.approx(2 * math.log(n), abs=0.03)
+
+
+def test_clip_x0_follows_the_data_range():
+    x = torch.tensor([-3.0, 0.5, 3.0])
+    assert GaussianProcess().clip_x0(x).tolist() == [-1.0, 0.5, 1.0]
+    assert GaussianProcess(data_range=None).clip_x0(x).tolist() == x.tolist()
 
 
 def test_bad_arguments_name_the_value():

@@ -304,8 +304,13 @@ class UNet(nn.Module):
         return h
 
     def head(self, h: Tensor) -> Tensor:
-        """[B, channels[0], H, W] -> [B, out_channels, H, W]."""
-        return self.out_conv(F.silu(self.out_norm(h)))
+        """[B, channels[0], H, W] -> [B, out_channels, H, W], always in fp32 with autocast off.
+
+        The output layer is the one whose error reaches x0_hat multiplied (by σ/a for ε-prediction:
+        ~157 at t = 1 for linear β), so it never runs in bf16 (the precision policy, processes/ops.py).
+        """
+        with torch.autocast(h.device.type, enabled=False):
+            return self.out_conv(F.silu(self.out_norm(h.float())))
 
     def forward(self, x: Tensor, c_noise: Tensor, labels: Tensor | None = None) -> Tensor:
         B, _, H, W = x.shape

@@ -13,7 +13,8 @@ which gives a k× larger image the SNR trajectory of the reference resolution (S
 
 Reverse step (DDIM with η, DDPM for η = 1): with ``eps_hat = (x_t − a_t x0_hat) / sigma_t``,
 ``c² = η² σ²_{t|s} σ_s² / σ_t²`` where ``σ²_{t|s} = σ_t² − (a_t/a_s)² σ_s²`` (the posterior variance
-of q(x_s | x_t, x0) at η = 1), ``x_s = a_s x0_hat + √(σ_s² − c²) eps_hat + c z``.
+of q(x_s | x_t, x0) at η = 1), ``x_s = a_s x0_hat + √(σ_s² − c²) eps_hat + c z``. It uses only the
+scalings, so ``posterior_step`` serves every white-noise process (``edm.EDMProcess`` too).
 """
 
 from __future__ import annotations
@@ -45,6 +46,29 @@ def cosine_alpha_bar(T: int = 1000, s: float = 0.008, max_beta: float = 0.999) -
 
 
 SCHEDULES = {"linear": linear_alpha_bar, "cosine": cosine_alpha_bar}
+
+
+def posterior_step(
+    x_t: Tensor,  # state at t, [B, ...]
+    x0_hat: Tensor,  # prediction of x0, x_t's shape
+    at_t: tuple[Tensor, Tensor],  # scalings (a_t, sigma_t) at t, each [B]
+    at_s: tuple[Tensor, Tensor],  # scalings (a_s, sigma_s) at s < t, each [B]; sigma_s = 0 is the data
+    eta: float,  # 1: the exact posterior q(x_s | x_t, x0_hat); 0: deterministic (DDIM)
+    noise: NoiseSource,
+) -> Tensor:
+    """The DDIM-η reverse step of any white-noise process ``x_t = a_t x0 + sigma_t eps`` (module docstring).
+
+    Needs sigma_t > 0; sigma_s = 0 gives ``a_s x0_hat`` (c = 0). Noise is drawn only for eta > 0.
+    """
+    a_t, sigma_t = (append_dims(v, x_t.ndim) for v in at_t)
+    a_s, sigma_s = (append_dims(v, x_t.ndim) for v in at_s)
+    eps_hat = (x_t - a_t * x0_hat) / sigma_t
+    var_ts = (sigma_t**2 - (a_t / a_s) ** 2 * sigma_s**2).clamp(min=0)  # σ²_{t|s}
+    c2 = (eta**2) * var_ts * sigma_s**2 / sigma_t**2  # c² = η² σ²_{t|s} σ_s² / σ_t²
+    x_s = a_s * x0_hat + torch.sqrt((sigma_s**2 - c2).clamp(min=0)) * eps_hat  # a_s x0 + √(σ_s² − c²) ε̂
+    if eta > 0:
+        x_s = x_s + torch.sqrt(c2) * noise(x_t.shape).to(x_t)  # + c z
+    return x_s
 
 
 class GaussianProcess(Process):
@@ -125,15 +149,7 @@ class GaussianProcess(Process):
     def step(
         self, x_t: Tensor, x0_hat: Tensor, t: Tensor, s: Tensor, eta: float, noise: NoiseSource
     ) -> Tensor:
-        a_t, sigma_t = (append_dims(v, x_t.ndim) for v in self.scalings(t))
-        a_s, sigma_s = (append_dims(v, x_t.ndim) for v in self.scalings(s))
-        eps_hat = (x_t - a_t * x0_hat) / sigma_t
-        var_ts = (sigma_t**2 - (a_t / a_s) ** 2 * sigma_s**2).clamp(min=0)  # σ²_{t|s}
-        c2 = (eta**2) * var_ts * sigma_s**2 / sigma_t**2
-        x_s = a_s * x0_hat + torch.sqrt((sigma_s**2 - c2).clamp(min=0)) * eps_hat
-        if eta > 0:
-            x_s = x_s + torch.sqrt(c2) * noise(x_t.shape).to(x_t)
-        return x_s
+        return posterior_step(x_t, x0_hat, self.scalings(t), self.scalings(s), eta, noise)
 
     def x0_from_eps(self, x_t: Tensor, eps: Tensor, t: Tensor) -> Tensor:
         a, sigma = (append_dims(v, x_t.ndim) for v in self.scalings(t))
