@@ -16,7 +16,7 @@ The loss (``train/loss``) and throughput (``perf/img_per_s``) are the values the
 are read from ``trainer.callback_metrics`` at most once per ``refresh_s`` (that read is one
 device→host synchronisation: Lightning converts the prog-bar values to numbers) and smoothed
 with an exponential moving average over those reads. ETA is from the wall-clock time per step in
-this session. Only global rank 0 prints.
+this session (after its first step, which includes start-up). Only global rank 0 prints.
 """
 
 from __future__ import annotations
@@ -169,7 +169,7 @@ class ProgressLine(L.Callback):
         self._t_read = -math.inf  # time of the last metrics read
         self._read_step = -1  # step of the last metrics read
         self._first = None  # (time, step) when the first step of this session ended
-        self._step = int(trainer.global_step)
+        self._step = self._start_step = int(trainer.global_step)
         if self._tty:
             self._console = _LineConsole(sys.stdout, sys.stderr)
             self._console.install()
@@ -226,9 +226,9 @@ class ProgressLine(L.Callback):
 
     def _fields(self, now: float) -> dict[str, Any]:
         eta = None
-        if self._first is not None and self._max_steps > 0 and self._step > self._first[1]:
-            per_step = (now - self._first[0]) / (self._step - self._first[1])
-            eta = per_step * max(self._max_steps - self._step, 0)
+        if self._first is not None and self._max_steps > 0:
+            t, s = self._first if self._step > self._first[1] else (self._t0, self._start_step)
+            eta = (now - t) / max(self._step - s, 1) * max(self._max_steps - self._step, 0)
         return {
             "step": self._step,
             "max_steps": self._max_steps,
@@ -275,7 +275,9 @@ class RunHeader(L.Callback):
 
     def lines(self, trainer, pl_module) -> list[str]:
         if self.ckpt_path:
-            start = f"resuming from step {trainer.global_step} ({self.ckpt_path})"
+            ckpt = Path(self.ckpt_path)
+            shown = ckpt.relative_to(self.run_dir) if ckpt.is_relative_to(self.run_dir) else ckpt
+            start = f"resuming from step {trainer.global_step}: {shown}"
         else:
             start = "new run"
         trainable, ema = count_parameters(pl_module)

@@ -73,10 +73,6 @@ def test_resumed_run_continues_the_same_time_and_noise_streams(tmp_path, monkeyp
         part = first.draws.get(step) or second.draws[step]
         assert part == pytest.approx(straight.draws[step], abs=0)
     assert straight.draws[0] != straight.draws[1]  # each step draws afresh
-    a = torch.load(tmp_path / "runs/quickstart/straight/checkpoints/last.ckpt", weights_only=True)
-    b = torch.load(tmp_path / "runs/quickstart/split/checkpoints/last.ckpt", weights_only=True)
-    for k, v in a["state_dict"].items():  # same t, same noise, same data: the same weights
-        torch.testing.assert_close(b["state_dict"][k], v, atol=1e-5, rtol=1e-4, msg=k)
 
 
 def test_gradient_accumulation_counts_every_micro_batch(tmp_path, monkeypatch):
