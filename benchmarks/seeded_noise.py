@@ -4,8 +4,9 @@ Three comparisons, each measured side by side in one process (interleaved repeti
 which case goes first, medians):
 
 1. one sampling step's seeded noise against one denoiser forward at the same batch: the quickstart
-   network (``tiny`` at 16², batch 64) and a 256² network (``small``, batch 4 on the CPU; ``base``,
-   batch 64 on CUDA). Target: at most 5 %.
+   network (``tiny`` at 16², batch 64) and a 256² network (``small``, batch 1 on the CPU, where one
+   forward takes seconds; ``base``, batch 64 on CUDA), both without the presets' 16² attention, which
+   has no level at 256² (the middle block's attention stays). Target: at most 5 %.
 2. on the CPU, seeded noise at 64×3×256² against unseeded ``torch.randn`` of the same shape (target
    at most 1.5×), with the former per-sample-generator approach (one CPU generator per seed, a Python
    loop, a copy to the device) for comparison; the same again on one thread, because on a machine
@@ -18,10 +19,11 @@ Ratios only: absolute times drift with the machine's load, which is printed with
 
 from __future__ import annotations
 
+import contextlib
 import os
 import statistics
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 
 import torch
 
@@ -35,39 +37,63 @@ def per_sample_generators(seeds: Sequence[int], device: torch.device) -> Callabl
     return lambda shape: torch.stack([torch.randn(shape[1:], generator=g) for g in gens]).to(device)
 
 
+@contextlib.contextmanager
+def num_threads(n: int | None) -> Iterator[str]:
+    """torch's intra-op threads set to n for the block (None: unchanged); yields a label for the table."""
+    previous = torch.get_num_threads()
+    torch.set_num_threads(n or previous)
+    try:
+        yield f", {n} thread" if n else ""
+    finally:
+        torch.set_num_threads(previous)
+
+
 def timed(
     cases: dict[str, Callable[[], object]],  # name -> one call of the case
     device: torch.device,  # synchronised around every sample when CUDA
-    repeats: int = 7,  # interleaved samples per case
+    repeats: int = 7,  # interleaved samples per case, fewer (down to 2) where they would pass budget_s
     min_s: float = 0.05,  # a sample repeats its call until it lasts about this long
+    budget_s: float = 6.0,  # about the longest the samples of all cases may take together
 ) -> dict[str, float]:
     """Median seconds per call of each case, the cases interleaved (order alternating per repeat)."""
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
-    calls = {}
-    for name, fn in cases.items():  # warm-up, and the calls per sample
-        fn()
+
+    def sample(fn: Callable[[], object], k: int = 1) -> float:  # seconds per call over k calls
         sync()
         t0 = time.perf_counter()
-        fn()
+        for _ in range(k):
+            fn()
         sync()
-        calls[name] = max(1, round(min_s / max(time.perf_counter() - t0, 1e-6)))
+        return (time.perf_counter() - t0) / k
+
+    calls, first = {}, {}
+    for name, fn in cases.items():  # warm-up; a fast case runs again to size its samples
+        first[name] = sample(fn)
+        if first[name] < min_s:
+            first[name] = sample(fn)
+        calls[name] = max(1, round(min_s / max(first[name], 1e-6)))
+    per_round = sum(max(min_s, sample_s) for sample_s in first.values())
+    repeats = max(2, min(repeats, int(budget_s / per_round)))
     samples: dict[str, list[float]] = {name: [] for name in cases}
     names = list(cases)
     for r in range(repeats):
         for name in names if r % 2 == 0 else names[::-1]:
-            sync()
-            t0 = time.perf_counter()
-            for _ in range(calls[name]):
-                cases[name]()
-            sync()
-            samples[name].append((time.perf_counter() - t0) / calls[name])
+            samples[name].append(sample(cases[name], calls[name]))
     return {name: statistics.median(v) for name, v in samples.items()}
 
 
-def step_vs_forward(preset: str, resolution: int, batch: int, device: torch.device, repeats: int) -> dict:
+def step_vs_forward(
+    preset: str,  # UNet preset
+    resolution: int,  # image size
+    batch: int,  # samples per step
+    device: torch.device,
+    repeats: int,  # interleaved samples per case
+    threads: int | None = None,  # torch threads for the measurement (None: as they are)
+    **overrides,  # UNet keyword arguments over the preset's
+) -> dict:
     """Seeded noise for one step against one forward of ``preset`` at ``resolution``, batch ``batch``."""
     torch.manual_seed(0)
-    net = unet(preset, resolution=resolution).to(device).eval()
+    net = unet(preset, resolution=resolution, **overrides).to(device).eval()
     x = torch.randn(batch, net.in_channels, resolution, resolution, device=device)
     c_noise = torch.full((batch,), 500.0, device=device)
     source = NoiseSource.from_seeds(range(batch), device)
@@ -76,8 +102,9 @@ def step_vs_forward(preset: str, resolution: int, batch: int, device: torch.devi
         with torch.no_grad():
             net(x, c_noise, None)
 
-    t = timed({"forward": forward, "noise": lambda: source(x.shape)}, device, repeats)
-    case = f"{preset} {resolution}², batch {batch}: noise / forward"
+    with num_threads(threads) as where:
+        t = timed({"forward": forward, "noise": lambda: source(x.shape)}, device, repeats)
+    case = f"{preset} {resolution}², batch {batch}{where}: noise / forward"
     return dict(case=case, a=t["noise"], b=t["forward"], target="<= 5 %", pct=True)
 
 
@@ -86,22 +113,13 @@ def noise_vs_randn(device: torch.device, repeats: int, threads: int | None = Non
     shape = (64, 3, 256, 256)
     source = NoiseSource.from_seeds(range(shape[0]), device)
     old = per_sample_generators(range(shape[0]), device)
-    previous = torch.get_num_threads()
-    if threads is not None:
-        torch.set_num_threads(threads)
-    try:
-        t = timed(
-            {
-                "randn": lambda: torch.randn(shape, device=device),
-                "seeded": lambda: source(shape),
-                "generators": lambda: old(shape),
-            },
-            device,
-            repeats,
-        )
-    finally:
-        torch.set_num_threads(previous)
-    where = f", {threads} thread" if threads else ""
+    with num_threads(threads) as where:
+        cases = {
+            "randn": lambda: torch.randn(shape, device=device),
+            "seeded": lambda: source(shape),
+            "generators": lambda: old(shape),
+        }
+        t = timed(cases, device, repeats)
     return [
         dict(case=f"64×3×256²{where}: seeded / randn", a=t["seeded"], b=t["randn"], target="<= 1.5×"),
         dict(case=f"64×3×256²{where}: per-sample generators / randn", a=t["generators"], b=t["randn"]),
@@ -130,13 +148,16 @@ def main() -> None:
     if load > torch.get_num_threads() + 0.5:
         print("warning: other processes share the CPUs; multi-threaded passes suffer most (see 1 thread)")
     cpu = torch.device("cpu")
-    rows = [step_vs_forward("tiny", 16, 64, cpu, repeats=7), step_vs_forward("small", 256, 4, cpu, repeats=3)]
+    rows = [step_vs_forward("tiny", 16, 64, cpu, repeats=7)]
+    rows += [step_vs_forward("tiny", 16, 64, cpu, repeats=7, threads=1)]
+    rows += [step_vs_forward("small", 256, 1, cpu, repeats=3, attn_resolutions=())]
     rows += noise_vs_randn(cpu, repeats=7) + noise_vs_randn(cpu, repeats=5, threads=1)
     print_table(cpu, rows)
     if torch.cuda.is_available():
         gpu = torch.device("cuda")
         rows = [step_vs_forward("tiny", 16, 64, gpu, repeats=7)]
-        rows += [step_vs_forward("base", 256, 64, gpu, repeats=5)] + noise_vs_randn(gpu, repeats=7)
+        rows += [step_vs_forward("base", 256, 64, gpu, repeats=5, attn_resolutions=())]
+        rows += noise_vs_randn(gpu, repeats=7)
         print_table(gpu, rows)
 
 

@@ -22,6 +22,7 @@ this session (after its first step, which includes start-up). Only global rank 0
 from __future__ import annotations
 
 import math
+import shutil
 import sys
 import time
 from pathlib import Path
@@ -93,7 +94,8 @@ class _LineConsole:
         self._proxies: list[_ClearingStream] = []
 
     def draw(self, text: str) -> None:
-        self.out.write("\r" + text + "\x1b[K")  # \x1b[K: erase what a longer previous line left
+        width = shutil.get_terminal_size().columns - 1  # a wrapped line could not be redrawn with \r
+        self.out.write("\r" + text[:width] + "\x1b[K")  # \x1b[K: erase what a longer line left
         self.out.flush()
         self.shown = True
 

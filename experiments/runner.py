@@ -55,7 +55,7 @@ QUIET_WARNINGS = (
     (r"The '\w+' does not have many workers", "data.num_workers is a deliberate config value"),
     (
         r"You're resuming from a checkpoint that ended before the epoch ended",
-        "the data streams are seeded per (seed, rank, worker, epoch): resuming mid-epoch is by design",
+        "the data streams are seeded per (seed, rank, worker, epoch); a resumed epoch replays its stream",
     ),
     (r"`isinstance\(treespec, LeafSpec\)` is deprecated", "torch's pytree deprecation, inside Lightning"),
     (r"The number of training batches \(\d+\) is smaller than the logging", "steps are logged, not epochs"),

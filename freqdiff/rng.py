@@ -25,8 +25,12 @@ def splitmix64(x: int) -> int:
 
 
 def _as_int(key: int | str) -> int:
-    if isinstance(key, str):
-        return int.from_bytes(key.encode("utf-8")[:32].ljust(8, b"\0"), "little") & MASK64 ^ len(key)
+    if isinstance(key, str):  # every byte counts: 8-byte little-endian words chained through splitmix64
+        data = key.encode("utf-8")
+        h = splitmix64(len(data))
+        for i in range(0, len(data), 8):
+            h = splitmix64(h ^ int.from_bytes(data[i : i + 8], "little"))
+        return h
     if isinstance(key, bool) or not isinstance(key, int):
         key = int(key)
     return key & MASK64

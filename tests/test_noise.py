@@ -170,7 +170,7 @@ def test_marginal_is_standard_normal(draws):
     assert stats.chisquare(counts).pvalue > 1e-4  # fine-grained uniformity of Φ(z)
     tail = int((z.abs() > 4).sum())
     expected = n * 2 * special.ndtr(-4)
-    assert abs(tail - expected) < 5 * math.sqrt(expected) and z.abs().max() < 5.3
+    assert abs(tail - expected) < 5 * math.sqrt(expected) and z.abs().max() < 5.17
     # a 22-bit grid: 2**20 draws from 2**22 values leave 1 - 4 (1 - exp(-1/4)) = 88.5 % distinct
     assert abs(torch.unique(z).numel() / n - 4 * (1 - math.exp(-0.25))) < 0.005
 

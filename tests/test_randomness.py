@@ -58,6 +58,7 @@ def test_derive_seed_separates_coordinates():
     assert derive_seed(0, "train", 1, 2, 0) != derive_seed(0, "train", 2, 1, 0)
     assert derive_seed(0, "shared", 5, 0) == derive_seed(0, "shared", 5, 0)
     assert derive_seed(0, "train", 0, 0, 0) != derive_seed(1, "train", 0, 0, 0)
+    assert derive_seed("stage2_x1") != derive_seed("stage2_x2")  # every byte of a string counts
 
 
 def test_resumed_run_continues_the_same_time_and_noise_streams(tmp_path, monkeypatch):

@@ -26,14 +26,14 @@ Seeded noise, exactly (all arithmetic on 32-bit words, mod 2**32):
 4. The top 22 bits of x, y = x >> 10 (signed, in [-2**21, 2**21)), give w = (2y + 1) 2**-22, a
    symmetric 22-bit uniform grid on (-1, 1), built exactly in float32: the int32 ``2y + 0x4B400001``
    is the float 1.5 2**23 + 2y + 1, and w is that float times 2**-22 minus 3. Then z = √2 erfinv(w)
-   in float32, cast to ``dtype``. |z| <= 5.29 (P(|Z| > 5.29) = 1.2e-7; CPU ``torch.randn`` stops
+   in float32, cast to ``dtype``. |z| <= 5.17 (P(|Z| > 5.17) = 2.4e-7; CPU ``torch.randn`` stops
    near 5.8).
 
-The integer ops (wrap-around int32 multiply, masked or half-word shifts, no unsigned types) give the
-same bits on CPU and CUDA; the erfinv may differ by an ulp between devices. Everything after the key
-derivation runs in place in the output's own storage: one allocation and ten elementwise passes.
-``x ^= x >> 16`` is done as "low half-word ^= high half-word" on an int16 view (little-endian hosts and
-GPUs), which needs no temporary.
+The integer ops (wrap-around int32 add and multiply, a half-word xor for the logical shift, one
+arithmetic shift, no unsigned types) give the same bits on CPU and CUDA; the erfinv may differ by an
+ulp between devices. Everything after the key derivation runs in place in the output's own storage:
+one allocation and ten elementwise passes. ``x ^= x >> 16`` is done as "low half-word ^= high
+half-word" on an int16 view (little-endian hosts and GPUs), which needs no temporary.
 """
 
 from __future__ import annotations
