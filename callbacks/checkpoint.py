@@ -19,7 +19,6 @@ from lightning.pytorch.plugins.io import TorchCheckpointIO
 from freqdiff.checkpoints import CONFIG_KEY
 
 
-
 class AtomicCheckpointIO(TorchCheckpointIO):
     def save_checkpoint(self, checkpoint: dict[str, Any], path, storage_options=None) -> None:
         path = Path(path)

@@ -47,6 +47,10 @@ from freqdiff.metrics.fid import FeatureStats, InceptionFeatures, StatsCache, in
 def autocast_for(precision: str | None, device: torch.device):
     """The autocast context of a Lightning precision string (``bf16-mixed``, ``16-mixed``, ``32``...)."""
     p = str(precision or "32")
+    if p == "auto":  # the trainer's rule (experiments.runner.auto_precision)
+        from experiments.runner import auto_precision
+
+        p = auto_precision(device.type)
     if p.startswith("bf16"):
         return torch.autocast(device.type, dtype=torch.bfloat16)
     if p.startswith("16"):

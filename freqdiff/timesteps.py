@@ -22,7 +22,9 @@ class UniformTime:
             raise ValueError(f"UniformTime needs 0 <= t_min < t_max <= 1, got t_min={t_min}, t_max={t_max}")
         self.t_min, self.t_max = t_min, t_max
 
-    def __call__(self, n: int, generator: torch.Generator | None = None, device="cpu", process=None) -> Tensor:
+    def __call__(
+        self, n: int, generator: torch.Generator | None = None, device="cpu", process=None
+    ) -> Tensor:
         u = torch.rand(n, generator=generator, device=_gen_device(generator, device))
         return (self.t_min + (self.t_max - self.t_min) * u).to(device)
 
@@ -33,7 +35,9 @@ class LogitNormalTime:
             raise ValueError(f"LogitNormalTime needs std > 0, got {std}")
         self.mean, self.std = mean, std
 
-    def __call__(self, n: int, generator: torch.Generator | None = None, device="cpu", process=None) -> Tensor:
+    def __call__(
+        self, n: int, generator: torch.Generator | None = None, device="cpu", process=None
+    ) -> Tensor:
         z = torch.randn(n, generator=generator, device=_gen_device(generator, device))
         return torch.sigmoid(self.mean + self.std * z).to(device)
 
@@ -48,7 +52,9 @@ class LogNormalSigmaTime:
         z = torch.randn(n, generator=generator, device=_gen_device(generator, device))
         return torch.exp(self.P_mean + self.P_std * z).to(device)
 
-    def __call__(self, n: int, generator: torch.Generator | None = None, device="cpu", process=None) -> Tensor:
+    def __call__(
+        self, n: int, generator: torch.Generator | None = None, device="cpu", process=None
+    ) -> Tensor:
         if process is None or not hasattr(process, "t_from_sigma"):
             raise ValueError("LogNormalSigmaTime needs the process (its t_from_sigma) to map σ to t")
         return process.t_from_sigma(self.sigma(n, generator, device)).clamp(0.0, 1.0)

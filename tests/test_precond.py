@@ -57,7 +57,7 @@ def test_unknown_prediction_is_an_error():
 
 @pytest.mark.parametrize("prediction", ["eps", "x0", "v", "edm"])
 def test_natural_weight_and_x0_space_weights(prediction):
-    """|F − target|² = natural_weight · |x0_hat − x0|², and loss(weight=w) is w · |x0_hat − x0|² (x0 space)."""
+    """|F − target|² = natural_weight · |x0_hat − x0|²; loss(weight=w) = w · |x0_hat − x0|² (x0 space)."""
     p = GaussianProcess(resolution=8)
     x0 = torch.rand(6, 3, 8, 8) * 2 - 1
     t = torch.tensor([0.05, 0.1, 0.3, 0.5, 0.8, 0.95])

@@ -41,14 +41,20 @@ def _white_moments(p, x0, t):
 
 
 PROCESSES = {
-    "vp-linear": Entry(lambda: GaussianProcess(schedule="linear", resolution=4), (1, 4, 4), 0.01, _white_moments),
+    "vp-linear": Entry(
+        lambda: GaussianProcess(schedule="linear", resolution=4), (1, 4, 4), 0.01, _white_moments
+    ),
     # Heun on a uniform-t grid of these: the first step spans σ̃ 20291 -> 6 (cosine) or 314 -> 2 (shift 2), and
-    # the trapezoid correction multiplies the denoiser's change by σ̂/σ_next: checked with sample_ancestral only
+    # the trapezoid correction multiplies the denoiser's change by σ̂/σ_next: sample_ancestral only
     "vp-cosine": Entry(
         lambda: GaussianProcess(schedule="cosine", resolution=4), (1, 4, 4), 0.01, _white_moments, heun=False
     ),
     "vp-linear-shift2": Entry(
-        lambda: GaussianProcess(schedule="linear", shift=2.0, resolution=2), (3, 2, 2), 0.01, _white_moments, False
+        lambda: GaussianProcess(schedule="linear", shift=2.0, resolution=2),
+        (3, 2, 2),
+        0.01,
+        _white_moments,
+        False,
     ),
     "edm-ve": Entry(lambda: EDMProcess(resolution=4), (1, 4, 4), 0.02, _white_moments),
 }
@@ -96,7 +102,9 @@ def test_marginal_moments(entry, t):
     _assert_moments(x_t, A @ x0[0].double().reshape(-1), S)
     if e.moments is not None:  # the materialised matrices agree with the paper's formula
         mean, var = e.moments(p, x0[:1], tt[:1])
-        torch.testing.assert_close((A @ x0[0].double().reshape(-1)).float(), mean.reshape(-1), atol=1e-5, rtol=1e-4)
+        torch.testing.assert_close(
+            (A @ x0[0].double().reshape(-1)).float(), mean.reshape(-1), atol=1e-5, rtol=1e-4
+        )
         torch.testing.assert_close(S.diagonal().float(), var.reshape(-1), atol=1e-5, rtol=1e-4)
 
 
@@ -146,7 +154,6 @@ def test_process_math_ignores_bf16_autocast(entry):
     x0 = torch.rand(16, *e.shape) * 2 - 1
     t, s = torch.full((16,), 0.6), torch.full((16,), 0.3)
     plain_t, _ = p.marginal(x0, t, _noise(8))
-    plain_s = p.step(plain_t, p.x0_at(x0, s), t, s, 1.0, _noise(9))
     with torch.autocast("cpu", torch.bfloat16):
         auto_t, _ = p.marginal(x0.bfloat16(), t, _noise(8))
         auto_s = p.step(auto_t, p.x0_at(x0, s).bfloat16(), t, s, 1.0, _noise(9))

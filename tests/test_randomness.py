@@ -11,12 +11,11 @@ from __future__ import annotations
 
 import lightning as L
 import pytest
-import torch
+from test_training import tiny_overrides
 
 from experiments.runner import run
 from freqdiff.config import load
 from freqdiff.rng import derive_seed
-from test_training import tiny_overrides
 
 
 class RecordTimes(L.Callback):
@@ -66,7 +65,10 @@ def test_resumed_run_continues_the_same_time_and_noise_streams(tmp_path, monkeyp
     straight = RecordTimes()
     run(load("quickstart", _quiet(tmp_path, **{"run.name": "straight"})), callbacks=[straight])
     first = RecordTimes()
-    run(load("quickstart", _quiet(tmp_path, **{"run.name": "split", "trainer.max_steps": 2})), callbacks=[first])
+    run(
+        load("quickstart", _quiet(tmp_path, **{"run.name": "split", "trainer.max_steps": 2})),
+        callbacks=[first],
+    )
     second = RecordTimes()
     run(load("quickstart", _quiet(tmp_path, **{"run.name": "split"})), callbacks=[second])
     assert sorted(first.draws) == [0, 1] and sorted(second.draws) == [2, 3]
@@ -80,7 +82,10 @@ def test_gradient_accumulation_counts_every_micro_batch(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     whole, accum = RecordStep(), RecordStep()
     run(
-        load("quickstart", _quiet(tmp_path, **{"run.name": "whole", "trainer.max_steps": 3, "data.batch_size": 8})),
+        load(
+            "quickstart",
+            _quiet(tmp_path, **{"run.name": "whole", "trainer.max_steps": 3, "data.batch_size": 8}),
+        ),
         callbacks=[whole],
     )
     run(
@@ -105,11 +110,10 @@ def test_gradient_accumulation_counts_every_micro_batch(tmp_path, monkeypatch):
 
 
 def test_fixed_ema_decay_per_step():
-    from lightning_modules.ddpm import DDPMModule
-
     from freqdiff.nets.presets import unet
     from freqdiff.processes.gaussian import GaussianProcess
     from freqdiff.timesteps import UniformTime
+    from lightning_modules.ddpm import DDPMModule
 
     net = unet("tiny", resolution=8, channel_mult=(1, 2), attn_resolutions=(4,))
     m = DDPMModule(net, GaussianProcess(resolution=8), UniformTime(), ema_decay=0.9999)

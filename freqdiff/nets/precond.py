@@ -126,7 +126,7 @@ class Denoiser(nn.Module):
         labels: Tensor | None = None,
         **net_kwargs,
     ) -> Tensor:
-        """Per-sample loss [B]: mean over pixels of ``(F − target)²``, reweighted to ``weight`` in x0 space."""
+        """Per-sample loss [B]: pixel mean of ``(F − target)²``, reweighted to ``weight`` in x0 space."""
         t = as_batch_time(t, x_t.shape[0], x_t.device)
         F = self.raw(x_t, t, labels, **net_kwargs)
         per_sample = ((F - self.target(x0, eps, x_t, t)) ** 2).flatten(1).mean(1)

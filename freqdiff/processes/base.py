@@ -37,7 +37,6 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-import torch
 from torch import Tensor, nn
 
 from freqdiff.processes.noise import NoiseSource

@@ -104,7 +104,9 @@ class ExactDenoiser(nn.Module):
         return K.to(device), Amu.to(device), mu.to(device)
 
     @torch.no_grad()
-    def forward(self, x_t: Tensor, t: Tensor | float, labels=None, out_resolution: int | None = None) -> Tensor:
+    def forward(
+        self, x_t: Tensor, t: Tensor | float, labels=None, out_resolution: int | None = None
+    ) -> Tensor:
         t_b = torch.as_tensor(t, dtype=torch.float32).reshape(-1).expand(x_t.shape[0])
         out = torch.empty(x_t.shape[0], *self.shape, dtype=torch.float64, device=x_t.device)
         for tv in torch.unique(t_b).tolist():
