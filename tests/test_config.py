@@ -37,7 +37,7 @@ def test_every_experiment_loads_and_instantiates(exp, tmp_path):
 def test_base_is_merged_and_overrides_apply():
     cfg = load("quickstart", ["trainer.max_steps=7", "data.resolution=16"])
     assert cfg.trainer.max_steps == 7
-    assert cfg.trainer.precision == "bf16-mixed"  # from _base.yaml
+    assert cfg.trainer.precision == "auto"  # from _base.yaml
     assert cfg.module.net.resolution == 16 and cfg.module.process.resolution == 16  # interpolation
 
 
@@ -80,3 +80,14 @@ def test_dry_run_prints_resolved_config():
         cwd=EXPERIMENTS_DIR.parent,
     )
     assert bad.returncode == 2 and "trainer.max_stepz" in bad.stderr
+
+
+def test_auto_precision_uses_bf16_only_where_the_device_computes_it(monkeypatch):
+    from experiments import runner
+
+    monkeypatch.setattr(runner, "cpu_has_bf16", lambda: False)
+    assert runner.auto_precision("cpu") == "32-true"
+    monkeypatch.setattr(runner, "cpu_has_bf16", lambda: True)
+    assert runner.auto_precision("cpu") == "bf16-mixed"
+    monkeypatch.setattr(runner.torch.cuda, "is_bf16_supported", lambda: False)
+    assert runner.auto_precision("cuda") == "32-true"
