@@ -57,19 +57,18 @@ class DDPMModule(DiffusionModule):
         return self.denoiser.loss(x0, eps, x_t, t, self._weight(t), labels), t
 
     @torch.no_grad()
+    def run_sampler(self, sampler, seeds, steps: int | None, use_ema: bool, **kw) -> Tensor:
+        """``sampler(process, denoiser, seeds, shape, steps, device, **kw)`` with the (EMA) denoiser."""
+        res = self.process.resolution(0.0)
+        with self.sampling(use_ema) as net:
+            shape = (self.channels, res, res)
+            return sampler(
+                self.process, net, seeds, shape, steps=steps or self.sample_steps, device=self.device, **kw
+            )
+
     def sample(
         self, seeds, steps: int | None = None, eta: float | None = None, use_ema: bool = True, **kw
     ) -> Tensor:
-        res = self.process.resolution(0.0)
-        with self.sampling(use_ema) as net:
-            return sample_ancestral(
-                self.process,
-                net,
-                seeds,
-                (self.channels, res, res),
-                steps=steps or self.sample_steps,
-                eta=self.sample_eta if eta is None else eta,
-                clip_x0=kw.pop("clip_x0", self.clip_x0),
-                device=self.device,
-                **kw,
-            )
+        eta = self.sample_eta if eta is None else eta
+        clip_x0 = kw.pop("clip_x0", self.clip_x0)
+        return self.run_sampler(sample_ancestral, seeds, steps, use_ema, eta=eta, clip_x0=clip_x0, **kw)

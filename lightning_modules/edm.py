@@ -9,7 +9,6 @@ EDM Algorithm 2 (Heun with optional churn; 18 steps = 35 NFE by default, EDM's C
 
 from __future__ import annotations
 
-import torch
 from torch import Tensor, nn
 
 from freqdiff.processes.base import Process
@@ -34,20 +33,9 @@ class EDMModule(DDPMModule):
         super().__init__(net, process, time_sampler, prediction=prediction, sample_steps=sample_steps, **ddpm)
         self.S_churn, self.S_min, self.S_max, self.S_noise = S_churn, S_min, S_max, S_noise
 
-    @torch.no_grad()
     def sample(self, seeds, steps: int | None = None, use_ema: bool = True, **kw) -> Tensor:
         """Images [B, C, H, W] for per-sample ``seeds``; ``kw`` goes to ``sample_heun`` (callback, churn)."""
-        res = self.process.resolution(0.0)
         churn = {"S_churn": self.S_churn, "S_min": self.S_min, "S_max": self.S_max, "S_noise": self.S_noise}
         if kw.pop("eta", None) not in (None, 0, 0.0):  # DDPMModule's keyword (callbacks pass it through)
             raise ValueError("EDMModule samples with Heun, which has no eta: its stochasticity is S_churn")
-        with self.sampling(use_ema) as net:
-            return sample_heun(
-                self.process,
-                net,
-                seeds,
-                (self.channels, res, res),
-                steps=steps or self.sample_steps,
-                device=self.device,
-                **{**churn, **kw},
-            )
+        return self.run_sampler(sample_heun, seeds, steps, use_ema, **{**churn, **kw})

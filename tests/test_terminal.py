@@ -9,6 +9,7 @@ from pathlib import Path
 
 import numpy as np
 from omegaconf import OmegaConf
+from test_training import tiny_overrides as training_overrides
 
 from callbacks.progress import ProgressLine, _LineConsole, format_line, hms
 from datamodules.manifest import ShardWriter, make_manifest, sample_dict, write_manifest
@@ -18,30 +19,19 @@ from freqdiff.config import load
 
 
 def tiny_overrides(tmp_path: Path, **extra) -> list[str]:
-    """As tests/test_training.py, but data.resolution stays null (read from the data) and the bar is on."""
+    """test_training's tiny run, but data.resolution stays null (read from the data) and the bar is on."""
     o = {
-        "run.root": str(tmp_path / "runs"),
-        "data.path": str(tmp_path / "data" / "dl16"),
-        "data.synthetic.resolution": 16,
-        "data.batch_size": 8,
-        "data.num_workers": 0,
         "data.synthetic.n_train": 64,
-        "data.synthetic.n_val": 16,
         "module.sample_steps": 2,
-        "+module.net.channel_mult": "[1,2]",
-        "+module.net.attn_resolutions": "[8]",
-        "trainer.max_steps": 4,
         "trainer.enable_progress_bar": True,
-        "trainer.log_every_n_steps": 1,
-        "run.checkpoint_every_n_steps": 2,
         "callbacks.samples.every_n_steps": 0,
         "callbacks.eval.n": 8,
         "callbacks.eval.ref_n": 8,
         "callbacks.eval.swd_n": 8,
         "callbacks.eval.panel": 8,
+        **extra,
     }
-    o.update(extra)
-    return [f"{k}={v}" for k, v in o.items()]
+    return [x for x in training_overrides(tmp_path, **o) if not x.startswith("data.resolution=")]
 
 
 def dry(capsys, *overrides: str) -> tuple[str, dict]:
