@@ -24,15 +24,19 @@ set): ``<key>.<res>.png`` for every resolution (lossless PNG, so a round trip is
 Writes are atomic (temporary name, then ``os.replace``) and deterministic: the same samples give
 byte-identical shards (fixed mtime, owner and mode; PNG has no time stamp), so two processes that
 write the same data concurrently leave identical files, and the sha256 in the manifest is a stable
-identity for the data (e.g. for cached FID reference statistics).
+identity for the data (e.g. for cached FID reference statistics). A temporary file
+(``.shard-NNNNNN.tar.<random>.tmp``, ``.manifest.json.<random>.tmp``) is locked (``flock``) while its
+writer lives; a killed writer leaves it unlocked, and the next ``ShardWriter`` in that folder removes it.
 """
 
 from __future__ import annotations
 
+import fcntl
 import hashlib
 import io
 import json
 import os
+import re
 import tempfile
 from pathlib import Path
 from typing import Any
@@ -41,11 +45,23 @@ import numpy as np
 import webdataset as wds
 from PIL import Image
 
+from freqdiff.config import ConfigError
+
 FORMAT = "freqdiff-shards/1"
 MANIFEST = "manifest.json"
 SHARD_PATTERN = "shard-{:06d}.tar"
 _MTIME = 0  # fixed tar member mtime: byte-identical shards for identical input
 _REQUIRED = ("format", "count", "resolutions", "channels", "labels", "shards")
+_TEMP_TAIL = r"\.[a-z0-9_]+\.tmp"  # what tempfile.mkstemp adds after the prefix ".<name>."
+
+
+class ShardSetError(ConfigError):
+    """A shard set, or the folder meant for one, that cannot be used as it is; the message says what to do."""
+
+
+def is_pattern(path: str) -> bool:
+    """Whether ``path`` is a brace / glob pattern of tar files rather than a folder or a manifest."""
+    return any(c in path for c in "*?[{")
 
 
 def write_manifest(folder: str | os.PathLike, manifest: dict[str, Any]) -> Path:
@@ -104,16 +120,42 @@ def _check_manifest(m: Any, path: Path) -> None:
 def check_shards(folder: str | os.PathLike, manifest: dict[str, Any], sha256: bool = False) -> None:
     """Check that every shard of ``manifest`` exists in ``folder`` with its recorded size (and hash).
 
-    Cheap without ``sha256``; raises FileNotFoundError / ValueError naming the shard.
+    Cheap without ``sha256``; raises FileNotFoundError (a missing shard) or ShardSetError (a size or
+    hash that differs, see :func:`size_mismatch`) naming the shard.
     """
     for s in manifest["shards"]:
         p = Path(folder) / s["name"]
         if not p.is_file():
             raise FileNotFoundError(f"shard {p} listed in {Path(folder) / MANIFEST} is missing")
         if "bytes" in s and p.stat().st_size != s["bytes"]:
-            raise ValueError(f"shard {p}: {p.stat().st_size} bytes, manifest says {s['bytes']}")
+            raise size_mismatch(p, p.stat().st_size, manifest, Path(folder))
         if sha256 and "sha256" in s and file_sha256(p) != s["sha256"]:
-            raise ValueError(f"shard {p}: sha256 differs from the manifest (corrupt or rewritten)")
+            fix = _remedy(manifest, folder)
+            raise ShardSetError(f"shard {p}: sha256 differs from the manifest (corrupt or rewritten); {fix}")
+
+
+def size_mismatch(shard: Path, size: int, manifest: dict[str, Any], folder: Path) -> ShardSetError:
+    """The error for a shard whose size differs from its manifest's ``bytes``: names both and the remedy."""
+    return ShardSetError(
+        f"shard {shard} is {size} bytes but {Path(folder) / MANIFEST} records "
+        f"{manifest_bytes(manifest, shard.name)} (truncated or overwritten since it was written); "
+        f"{_remedy(manifest, folder)}"
+    )
+
+
+def manifest_bytes(manifest: dict[str, Any], name: str) -> int | None:
+    return next((s.get("bytes") for s in manifest["shards"] if s["name"] == name), None)
+
+
+def _remedy(manifest: dict[str, Any], folder: str | os.PathLike) -> str:
+    params = manifest.get("params") or {}
+    if params.get("generator") == "dead-leaves":
+        return f"delete {folder} (a generated dead-leaves split) and it is written again on the next run"
+    res = ",".join(map(str, manifest.get("resolutions") or [])) or "<res>"
+    labels = " LABELS=folders" if params.get("labels") == "folders" else ""
+    src = manifest.get("source") or "<image folder>"
+    make = f"make shards SRC={src} OUT={folder} RES={res}{labels} FORCE=1"
+    return f"restore it from a copy, or write the set again: {make}"
 
 
 def shard_urls(folder: str | os.PathLike, manifest: dict[str, Any]) -> list[str]:
@@ -173,8 +215,9 @@ def sample_dict(index: int, images: dict[int, np.ndarray], label: int | None = N
 class ShardWriter:
     """Streams samples into ``folder/shard-NNNNNN.tar``, at most ``shard_size`` samples per shard.
 
-    Each shard is written under a temporary name and renamed when complete; ``close()`` returns the
-    manifest's shard list (name, count, bytes, sha256). Use as a context manager::
+    Each shard is written under a temporary name (locked while it is written) and renamed when
+    complete; temporary files that killed writers left in the folder are removed when it starts.
+    ``close()`` returns the manifest's shard list (name, count, bytes, sha256). Use as a context manager::
 
         with ShardWriter(folder, shard_size=2000) as w:
             for i, img in enumerate(images):
@@ -191,8 +234,10 @@ class ShardWriter:
         self.pattern = pattern  # shard file name, formatted with the shard index
         self.shards: list[dict[str, Any]] = []
         self.count = 0  # samples written in all shards
+        self.removed = remove_stale_temp(self.folder, pattern)  # left by killed writers
         self._tar: wds.TarWriter | None = None
         self._tmp: Path | None = None
+        self._lock: int | None = None  # descriptor holding the temporary file's lock
         self._in_shard = 0
 
     def write(self, sample: dict[str, Any]) -> None:
@@ -218,13 +263,12 @@ class ShardWriter:
         elif self._tar is not None:  # failed: drop the partial shard
             self._tar.close()
             self._tmp.unlink(missing_ok=True)
-            self._tar = None
+            os.close(self._lock)
+            self._tar, self._lock = None, None
 
     def _open(self) -> None:
         name = self.pattern.format(len(self.shards))
-        fd, tmp = tempfile.mkstemp(prefix=f".{name}.", suffix=".tmp", dir=self.folder)
-        os.close(fd)
-        self._tmp = Path(tmp)
+        self._lock, self._tmp = _locked_temp(self.folder, name)
         self._tar = wds.TarWriter(str(self._tmp), mtime=_MTIME, user="freqdiff", group="freqdiff")
         self._in_shard = 0
 
@@ -234,6 +278,7 @@ class ShardWriter:
         final = self.folder / name
         os.chmod(self._tmp, 0o644)  # mkstemp makes 0600; shards are data others may read
         os.replace(self._tmp, final)
+        os.close(self._lock)  # after the rename: a cleaner never sees an unlocked live file
         self.shards.append(
             {
                 "name": name,
@@ -242,7 +287,56 @@ class ShardWriter:
                 "sha256": file_sha256(final),
             }
         )
-        self._tar, self._tmp = None, None
+        self._tar, self._tmp, self._lock = None, None, None
+
+
+def is_writer_temp(name: str, pattern: str = SHARD_PATTERN) -> bool:
+    """Whether a file name is a temporary file of ``ShardWriter`` (``pattern``) or ``write_manifest``."""
+    head, _, rest = pattern.partition("{")
+    tail = rest.partition("}")[2]
+    shard = rf"\.{re.escape(head)}\d+{re.escape(tail)}{_TEMP_TAIL}"
+    return re.fullmatch(f"{shard}|\\.{re.escape(MANIFEST)}{_TEMP_TAIL}", name) is not None
+
+
+def remove_stale_temp(folder: str | os.PathLike, pattern: str = SHARD_PATTERN) -> list[Path]:
+    """Remove the writers' temporary files in ``folder`` that no live writer holds; returns them.
+
+    Only names of :func:`is_writer_temp` are touched; a file still locked by its writer (another
+    process writing into the same folder) is left alone.
+    """
+    folder, removed = Path(folder), []
+    if not folder.is_dir():
+        return removed
+    for p in sorted(folder.iterdir()):
+        if not is_writer_temp(p.name, pattern) or p.is_symlink() or not p.is_file():
+            continue
+        try:
+            fd = os.open(p, os.O_RDWR)
+        except OSError:  # renamed or removed meanwhile
+            continue
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:  # locked: its writer is alive
+            pass
+        else:
+            p.unlink(missing_ok=True)
+            removed.append(p)
+        finally:
+            os.close(fd)
+    return removed
+
+
+def _locked_temp(folder: Path, name: str) -> tuple[int, Path]:
+    """A new ``folder/.<name>.<random>.tmp`` and a descriptor holding its lock (close it to release)."""
+    while True:
+        fd, tmp = tempfile.mkstemp(prefix=f".{name}.", suffix=".tmp", dir=folder)
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        try:
+            if os.stat(tmp).st_ino == os.fstat(fd).st_ino:
+                return fd, Path(tmp)
+        except FileNotFoundError:
+            pass
+        os.close(fd)  # removed by a cleaner before the lock was taken: take another name
 
 
 def make_manifest(
@@ -278,13 +372,14 @@ def make_manifest(
 
 
 def _atomic_write(path: Path, data: bytes) -> Path:
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    fd, tmp = _locked_temp(path.parent, path.name)
     try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
+        tmp.write_bytes(data)
         os.chmod(tmp, 0o644)
         os.replace(tmp, path)
     except BaseException:
-        Path(tmp).unlink(missing_ok=True)
+        tmp.unlink(missing_ok=True)
         raise
+    finally:
+        os.close(fd)
     return path

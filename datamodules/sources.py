@@ -12,7 +12,8 @@
 
 Shards the manifest lists but that are missing are dropped with a warning and their samples counted
 as bad; when that is more than ``max_bad_fraction`` of the split, it fails here, naming them. A shard
-whose size differs from the manifest is kept with a warning (the reader counts what it lacks).
+whose size differs from the manifest's ``bytes`` (truncated, or overwritten) is refused here with a
+``ShardSetError`` naming it, both sizes and what to do: a set is used whole or not at all.
 """
 
 from __future__ import annotations
@@ -29,7 +30,7 @@ from typing import Any
 from PIL import Image
 from webdataset.shardlists import expand_urls
 
-from datamodules.manifest import FORMAT, MANIFEST, read_manifest
+from datamodules.manifest import FORMAT, MANIFEST, is_pattern, read_manifest, size_mismatch
 from datamodules.streams import CorruptDataWarning, Shard
 
 _PNG = re.compile(r"^(\d+)\.png$")
@@ -49,28 +50,24 @@ class Split:
         return [s for s in self.shards if s.url not in gone]
 
 
-def is_pattern(path: str) -> bool:
-    return any(c in path for c in "*?[{")
-
-
 def find_splits(path: str, val_path: str | None, max_bad_fraction: float) -> dict[str, Split] | None:
     """``{"train": Split, ["val": Split]}``, or None when ``path`` holds no shard set."""
-    root = Path(path)
+    root, key = Path(path), f"data.path={path}"  # named in errors
     if is_pattern(path):
-        splits = {"train": _pattern_split("train", path)}
+        splits = {"train": _pattern_split("train", path, key)}
     elif (root / "train" / MANIFEST).is_file():
-        splits = {"train": _folder_split("train", root / "train")}
+        splits = {"train": _folder_split("train", root / "train", key)}
         if (root / "val" / MANIFEST).is_file():
-            splits["val"] = _folder_split("val", root / "val")
+            splits["val"] = _folder_split("val", root / "val", key)
     elif (root / MANIFEST).is_file() or (root.suffix == ".json" and root.is_file()):
-        splits = {"train": _folder_split("train", root)}
+        splits = {"train": _folder_split("train", root, key)}
     else:
         return None
     if val_path is not None:
         if is_pattern(val_path):
-            splits["val"] = _pattern_split("val", val_path)
+            splits["val"] = _pattern_split("val", val_path, f"data.val_path={val_path}")
         elif (Path(val_path) / MANIFEST).is_file() or Path(val_path).suffix == ".json":
-            splits["val"] = _folder_split("val", Path(val_path))
+            splits["val"] = _folder_split("val", Path(val_path), f"data.val_path={val_path}")
         else:
             raise FileNotFoundError(f"no shard set at val_path {val_path} (no {Path(val_path) / MANIFEST})")
     for split in splits.values():
@@ -78,7 +75,10 @@ def find_splits(path: str, val_path: str | None, max_bad_fraction: float) -> dic
     return splits
 
 
-def _shards(folder: Path, manifest: dict[str, Any]) -> tuple[list[Shard], list[str]]:
+def _shards(folder: Path, manifest: dict[str, Any], key: str) -> tuple[list[Shard], list[str]]:
+    """The manifest's shards with their start indices, and the missing ones; refuses a size mismatch.
+
+    ``key`` (``"data.path=<value>"``) starts the error message."""
     shards, missing, start = [], [], 0
     for s in manifest["shards"]:
         p = folder.resolve() / s["name"]
@@ -87,24 +87,20 @@ def _shards(folder: Path, manifest: dict[str, Any]) -> tuple[list[Shard], list[s
         if not p.is_file():
             missing.append(str(p))
         elif "bytes" in s and p.stat().st_size != s["bytes"]:
-            warnings.warn(
-                f"data: shard {p} is {p.stat().st_size} bytes, the manifest says {s['bytes']} "
-                "(truncated or rewritten?): reading what it holds",
-                CorruptDataWarning,
-                3,
-            )
+            e = size_mismatch(p, p.stat().st_size, manifest, folder)
+            raise type(e)(f"{key}: {e}")
     return shards, missing
 
 
-def _folder_split(name: str, folder: Path) -> Split:
+def _folder_split(name: str, folder: Path, key: str) -> Split:
     manifest = read_manifest(folder)
     if folder.suffix == ".json":
         folder = folder.parent
-    shards, missing = _shards(folder, manifest)
+    shards, missing = _shards(folder, manifest, key)
     return Split(name, str(folder), manifest, shards, missing)
 
 
-def _pattern_split(name: str, pattern: str) -> Split:
+def _pattern_split(name: str, pattern: str, key: str) -> Split:
     urls = sorted({str(Path(p).resolve()) for b in expand_urls(pattern) for p in _glob_or_self(b)})
     urls = [u for u in urls if Path(u).is_file()]
     if not urls:
@@ -121,7 +117,7 @@ def _pattern_split(name: str, pattern: str) -> Split:
     else:
         manifest = scan(urls)
     manifest["count"] = sum(s["count"] for s in manifest["shards"])
-    shards, missing = _shards(folder, manifest)
+    shards, missing = _shards(folder, manifest, key)
     return Split(name, pattern, manifest, shards, missing)
 
 

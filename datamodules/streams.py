@@ -23,20 +23,14 @@ images as float32 ``x / 127.5 - 1``, or as uint8 for training under a Trainer (t
 into floats on the device: 4x fewer bytes between processes and over PCIe). Workers write batches
 into shared memory directly, so handing them to the main process copies nothing.
 
-Bad data (:class:`Health`): a sample whose PNG does not decode or has the wrong size or label is
-skipped with a :class:`CorruptDataWarning`; a shard that cannot be opened, or ends early (truncated),
-counts every sample it did not deliver. Counts live in shared memory (per rank: DataLoader workers
-add to it); when more than ``max_bad_fraction`` of the samples tried are bad a :class:`BadDataError`
-stops the run, naming the last problem.
+Bad data: corrupt samples are skipped and counted, and too many stop the run (``health.py``).
 """
 
 from __future__ import annotations
 
 import itertools
 import math
-import multiprocessing as mp
 import tarfile
-import warnings
 from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
@@ -45,17 +39,8 @@ import numpy as np
 import torch
 from torch.utils.data import IterableDataset, get_worker_info
 
+from datamodules.health import BadDataError, CorruptDataWarning, Health  # noqa: F401  (re-exported)
 from datamodules.manifest import decode_png
-
-_MAX_WARNINGS = 10  # per process and stream; then one note that further ones are counted silently
-
-
-class CorruptDataWarning(UserWarning):
-    """A sample or shard was skipped."""
-
-
-class BadDataError(RuntimeError):
-    """Too large a fraction of the data is unreadable."""
 
 
 @dataclass(frozen=True)
@@ -72,53 +57,13 @@ class Unit:
     hi: int  # one past the last position
 
 
-class Health:
-    """Counts of good and bad samples shared by a rank's workers; raises past ``max_bad_fraction``."""
-
-    def __init__(self, name: str, max_bad_fraction: float, min_checked: int):
-        self.name = name  # "train" / "eval": used in messages
-        self.max_bad_fraction = max_bad_fraction  # fail when bad / tried exceeds this
-        self.min_checked = max(1, min_checked)  # samples tried before a streaming check may fail
-        self.counts = mp.Array("q", 2)  # [good, bad], in shared memory (inherited by workers)
-        self._warned = 0
-
-    @property
-    def good(self) -> int:
-        return int(self.counts[0])
-
-    @property
-    def bad(self) -> int:
-        return int(self.counts[1])
-
-    def add_good(self, n: int = 1) -> None:
-        with self.counts.get_lock():
-            self.counts[0] += n
-
-    def add_bad(self, n: int, message: str) -> None:
-        with self.counts.get_lock():
-            self.counts[1] += n
-        self._warned += 1
-        if self._warned <= _MAX_WARNINGS:
-            note = " (further ones are counted without a warning)" if self._warned == _MAX_WARNINGS else ""
-            warnings.warn(f"data: skipped {n} {self.name} sample(s): {message}{note}", CorruptDataWarning, 2)
-        self.check(final=False, last=message)
-
-    def check(self, final: bool, last: str = "") -> None:
-        good, bad = self.good, self.bad
-        tried = good + bad
-        if tried and bad > self.max_bad_fraction * tried and (final or tried >= self.min_checked):
-            raise BadDataError(
-                f"data: {bad} of {tried} {self.name} samples ({bad / tried:.1%}) are unreadable, more than "
-                f"max_bad_fraction={self.max_bad_fraction}" + (f"; last problem: {last}" if last else "")
-            )
-
-
 # -------------------------------------------------------------------- reading
 def read_unit(unit: Unit, wanted: tuple[str, ...], health: Health) -> Iterator[tuple[int, dict[str, Any]]]:
     """Samples at positions ``lo .. hi - 1`` of a shard: ``(global index, {suffix: bytes})``.
 
     Members ``<key>.<suffix>`` are grouped by key; only ``wanted`` suffixes are read. Samples the
-    shard should hold but does not deliver (unopenable, truncated) are reported to ``health``.
+    shard should hold but does not deliver (unopenable, truncated) are reported to ``health`` as
+    missing, all at once when the shard ends; the consumer counts the delivered ones as it decodes them.
     """
     shard, lo, hi = unit.shard, unit.lo, unit.hi
     got, pos, key, cur, error = 0, -1, None, None, None
@@ -148,7 +93,7 @@ def read_unit(unit: Unit, wanted: tuple[str, ...], health: Health) -> Iterator[t
     missing = min(hi, shard.count) - lo - got
     if missing > 0:
         why = error or f"it ends after {max(pos + 1, 0)} of {shard.count} samples (truncated?)"
-        health.add_bad(missing, f"shard {shard.url} positions {lo}..{hi - 1}: {why}")
+        health.add_missing(missing, f"shard {shard.url} positions {lo}..{hi - 1}: {why}")
 
 
 def decode(
@@ -312,7 +257,8 @@ class TrainStream(IterableDataset):
                     rows.append(decode(sample, self.resolutions, self.channels, self.labels))
                 except ValueError as e:
                     self.health.add_bad(1, f"sample {index} (key {sample['__key__']}): {e}")
-            self.health.add_good(len(rows))
+                    continue
+                self.health.add_good(1)  # per sample: a batch's bad ones are not counted before it
             if self.flip:
                 for imgs, _ in rows:
                     if rng.random() < 0.5:
@@ -368,6 +314,7 @@ class EvalStream(IterableDataset):
             try:
                 rows.append(decode(sample, self.resolutions, self.channels, self.labels))
                 index.append(i)
+                self.health.add_good(1)
             except ValueError as e:
                 self.health.add_bad(1, f"sample {i} (key {sample['__key__']}): {e}")
             if len(rows) == self.batch_size:
@@ -379,7 +326,6 @@ class EvalStream(IterableDataset):
             rows, index, n_batches = [], [], n_batches + 1
 
     def _emit(self, rows: list, index: list[int]) -> dict[str, torch.Tensor]:
-        self.health.add_good(len(rows))
         n_pad = self.batch_size - len(rows) if self.pad else 0
         if n_pad:
             blank = [np.zeros((r, r, self.channels), np.uint8) for r in self.resolutions]

@@ -25,10 +25,17 @@ images' -2 and the edge regime's -3; ``r_min=0.01, n_discs=300`` gives about -2 
 
 Image ``i`` of a split depends only on ``(seed, split, i)`` (numpy ``SeedSequence``);
 train and val are disjoint seed streams.
+
+Where the shards go (:func:`placement`): only into a missing or empty folder, over an earlier
+dead-leaves set (its manifest's ``params.generator``), or over the remnants of an interrupted
+generation (only ``train/`` and ``val/`` holding only shards, manifests and the writer's temporary
+files). A folder with another shard set is used as it is; anything else is refused, so the quickstart
+never writes into a folder of the user's own files.
 """
 
 from __future__ import annotations
 
+import json
 import os
 from pathlib import Path
 from typing import Any
@@ -38,10 +45,14 @@ from tqdm.auto import tqdm
 
 from datamodules.manifest import (
     MANIFEST,
+    ShardSetError,
     ShardWriter,
     check_shards,
+    is_pattern,
+    is_writer_temp,
     make_manifest,
     read_manifest,
+    remove_stale_temp,
     sample_dict,
     write_manifest,
 )
@@ -134,25 +145,41 @@ class DeadLeaves:
     def write(self, folder: str | os.PathLike, progress: bool = True) -> dict[str, Path]:
         """Write ``folder/train`` and ``folder/val`` shard sets with manifests; returns both folders.
 
-        A split whose manifest already records the same parameters is left untouched; one recorded
-        with other parameters is deleted and regenerated (with a printed notice).
+        Only where :func:`placement` allows it (else ShardSetError). A split whose manifest records
+        the same parameters is left untouched, unless a shard's size differs from the manifest
+        (ShardSetError: corruption is reported, not papered over); one recorded with other parameters,
+        missing a shard, or without a readable manifest is deleted and regenerated (with a notice).
         """
         folder = Path(folder)
+        if placement(str(folder), key="folder") != "write":
+            raise ShardSetError(
+                f"folder={folder}: holds a shard set that is not dead leaves; not writing there"
+            )
         out = {}
         for split in SPLITS:
             sub = folder / split
             out[split] = sub
             want = self.params(split)
-            old = _existing_params(sub)
+            manifest = _manifest(sub)
+            old = None if manifest is None else manifest.get("params")
             if old == want:
-                continue
-            if old is not None:
+                try:
+                    check_shards(sub, manifest)  # ShardSetError for a size that differs
+                    remove_stale_temp(sub)
+                    continue
+                except FileNotFoundError as e:
+                    print(f"dead leaves: {e}; regenerating")
+            elif old is not None:
                 changed = sorted(k for k in set(want) | set(old) if old.get(k) != want.get(k))
                 print(f"dead leaves: {sub} was written with other {', '.join(changed)}; regenerating")
-            elif (sub / MANIFEST).exists():
-                print(f"dead leaves: {sub} is unreadable or incomplete; regenerating")
+            elif sub.is_dir() and any(sub.iterdir()):
+                print(f"dead leaves: {sub} is unreadable or incomplete (interrupted?); regenerating")
             self._write_split(sub, split, progress)
         return out
+
+    def written_in(self, folder: str | os.PathLike) -> bool:
+        """Whether ``folder`` holds a dead-leaves set with these parameters (manifests only; read-only)."""
+        return all((_manifest(Path(folder) / s) or {}).get("params") == self.params(s) for s in SPLITS)
 
     def _write_split(self, sub: Path, split: str, progress: bool) -> None:
         if sub.exists():  # drop the old manifest first, so a crash never leaves a stale one
@@ -213,11 +240,75 @@ def _check_split(split: str) -> None:
         raise ValueError(f"split must be one of {list(SPLITS)}, got {split!r}")
 
 
-def _existing_params(sub: Path) -> dict[str, Any] | None:
-    """The params recorded in ``sub``'s manifest; None when it is missing, malformed or lacks a shard."""
+def _manifest(sub: Path) -> dict[str, Any] | None:
+    """``sub``'s manifest; None when it is missing or malformed."""
     try:
-        manifest = read_manifest(sub)
-        check_shards(sub, manifest)
+        return read_manifest(sub)
     except (FileNotFoundError, ValueError):
         return None
-    return manifest.get("params")
+
+
+def placement(path: str, key: str = "data.path") -> str:
+    """Whether dead leaves may be written at ``path``: ``"write"`` or ``"use"`` (another shard set is there).
+
+    ``"write"``: a missing or empty folder, a folder whose ``train/manifest.json`` says dead leaves, or
+    one holding only the remnants of an interrupted generation. ``"use"``: a pattern, a manifest file,
+    or a folder with a shard set that is not dead leaves. Anything else raises ShardSetError naming
+    ``key``, the path and what is there. Reads only.
+    """
+    root = Path(path)
+    if is_pattern(path) or root.suffix == ".json" or (root / MANIFEST).is_file():
+        return "use"
+    if not root.exists():
+        return "write"
+    if not root.is_dir():
+        raise ShardSetError(f"{key}={path}: a file; expected a folder for the dead-leaves shards")
+    try:
+        generator = (json.loads((root / "train" / MANIFEST).read_text()).get("params") or {}).get("generator")
+        return "write" if generator == "dead-leaves" else "use"
+    except (OSError, ValueError, AttributeError):  # no train manifest, or an unreadable one
+        pass
+    foreign = []  # what a dead-leaves generation does not leave behind
+    for entry in sorted(root.iterdir()):
+        if entry.name in SPLITS and entry.is_dir() and not entry.is_symlink():
+            foreign += [f for f in sorted(entry.iterdir()) if not (f.is_file() and _generated(f.name))]
+        else:
+            foreign.append(entry)
+    if not foreign:
+        return "write"
+    raise ShardSetError(
+        f"{key}={path}: holds {_describe(root, foreign)} and no shard set, so data.synthetic does not write "
+        "dead leaves there (only into a missing or empty folder, or over an earlier dead-leaves set); "
+        f"to train on a folder of images, convert it with make shards SRC={path} OUT=<shard folder> "
+        "RES=<res> and set data.path to that folder; for the dead leaves, set data.path to a new folder"
+        + (
+            f"; for tar shards without a manifest, set data.path to a pattern like {root / '*.tar'}"
+            if any(p.suffix == ".tar" for p in foreign)
+            else ""
+        )
+    )
+
+
+def _generated(name: str) -> bool:
+    """A file name a dead-leaves split folder holds: shards, the manifest, the writer's temporary files."""
+    return name == MANIFEST or is_writer_temp(name) or (name.startswith("shard-") and name.endswith(".tar"))
+
+
+def _describe(root: Path, entries: list[Path], cap: int = 10000) -> str:
+    """``"12 files such as a.png, b.png"``: the files under ``entries`` (counted up to ``cap``)."""
+    files: list[str] = []
+    for e in entries:
+        if e.is_dir() and not e.is_symlink():
+            for dirpath, dirs, names in os.walk(e):
+                dirs.sort()
+                files += [Path(dirpath, n).relative_to(root).as_posix() for n in sorted(names)]
+                if len(files) > cap:
+                    break
+        else:
+            files.append(e.relative_to(root).as_posix())
+        if len(files) > cap:
+            break
+    if not files:
+        return f"{len(entries)} empty folder{'s' if len(entries) > 1 else ''} such as {entries[0].name}/"
+    n = f"more than {cap}" if len(files) > cap else str(len(files))
+    return f"{n} file{'s' if len(files) > 1 else ''} such as {', '.join(files[:3])}"

@@ -3,9 +3,11 @@
 Where the data is (``path``; see ``sources.py``): a folder written by ``make shards`` (its
 ``manifest.json``), a folder with ``train/`` and ``val/`` shard sets (the dead-leaves layout), a
 manifest file, or a brace / glob pattern of tar files. ``val_path`` names the val split explicitly.
-A wrong path fails in ``setup`` naming it. With ``synthetic`` given, the dead-leaves shards are
-generated into ``path`` when it holds no shard set (or a dead-leaves set written with other
-parameters); a real shard set found there is used as it is and the generator is ignored.
+A wrong path fails in ``setup`` naming it; a shard whose size differs from its manifest is refused
+there. With ``synthetic`` given, the dead-leaves shards are generated into ``path`` only when it is
+missing or empty, holds an earlier dead-leaves set (regenerated when written with other parameters)
+or the remnants of an interrupted one (``synthetic.placement``); another shard set found there is used
+as it is and the generator is ignored; a folder of anything else (images, other files) is refused.
 
 Resolutions: ``resolution`` is the primary one, ``batch["x0"]`` (None: the manifest's largest);
 ``resolutions`` adds ``batch["x0_<r>"]`` for every other listed resolution, decoded from the same
@@ -29,29 +31,28 @@ use inside a loop with per-step collectives (Lightning's validation loop, ``sync
 
 Bad data: corrupt samples and shards are skipped with a ``CorruptDataWarning`` and counted
 (``skipped``); the ``data/skipped`` metric (summed over ranks) is logged during training by a small
-callback the module adds to its Trainer in ``setup``. More than ``max_bad_fraction`` bad samples
-stops the run with a ``BadDataError``.
+callback the module adds to its Trainer in ``setup``. When more than ``max_bad_fraction`` of the data
+is bad (``health.py``: a 99 % bound while streaming, the plain fraction after a full pass) a
+``BadDataError`` stops the run.
 """
 
 from __future__ import annotations
 
 import itertools
-import json
+import numbers
 import os
 import warnings
-from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
 import lightning as L
 import numpy as np
 import torch
-import webdataset as wds
-from torch.utils.data import DataLoader
 
 import freqdiff  # noqa: F401  (the torchvision hook; datamodules/__init__.py imports it first too)
+from datamodules.loaders import EpochLoader, EvalLoader
 from datamodules.manifest import MANIFEST
-from datamodules.sources import Split, find_splits, is_pattern
+from datamodules.sources import Split, find_splits
 from datamodules.streams import (
     EvalStream,
     Health,
@@ -62,7 +63,7 @@ from datamodules.streams import (
     read_unit,
     to_float,
 )
-from datamodules.synthetic import DeadLeaves
+from datamodules.synthetic import DeadLeaves, placement
 
 __all__ = ["ShardDataModule", "LogSkipped", "to_float"]
 
@@ -82,18 +83,24 @@ class ShardDataModule(L.LightningDataModule):
         seed: int = 0,  # seed of shard order, shuffle buffer and flips
         batches_per_epoch: int | None = None,  # None: count // (batch_size * world_size)
         shuffle_buffer: int = 1000,  # samples in each worker's shuffle buffer (0: no shuffling)
-        max_bad_fraction: float = 0.01,  # fail when more of the samples tried are unreadable
-        synthetic: DeadLeaves | None = None,  # generate dead-leaves shards into `path` when it has none
+        max_bad_fraction: float = 0.01,  # stop when more of the data read is unreadable (health.py)
+        synthetic: DeadLeaves | None = None,  # dead leaves for an empty `path` (synthetic.placement)
     ):
         super().__init__()
-        if batch_size < 1:
-            raise ValueError(f"batch_size must be >= 1, got {batch_size}")
-        if num_workers < 0:
-            raise ValueError(f"num_workers must be >= 0, got {num_workers}")
-        if batches_per_epoch is not None and batches_per_epoch < 1:
-            raise ValueError(f"batches_per_epoch must be >= 1 or None, got {batches_per_epoch}")
-        if not 0.0 <= max_bad_fraction <= 1.0:
-            raise ValueError(f"max_bad_fraction must be in [0, 1], got {max_bad_fraction}")
+        for name, value in (("path", path), ("val_path", val_path)):
+            if (value is not None or name == "path") and not str(value or "").strip():
+                raise ValueError(f"{name}={value!r}: expected a shard folder, a manifest file or a pattern")
+        _check_int("batch_size", batch_size, 1)
+        _check_int("num_workers", num_workers, 0)
+        _check_int("resolution", resolution, 1, optional=True)
+        _check_int("batches_per_epoch", batches_per_epoch, 1, optional=True)
+        _check_int("shuffle_buffer", shuffle_buffer, 0)
+        extra = list(resolutions or [])
+        if any(isinstance(r, bool) or not isinstance(r, numbers.Integral) or r < 1 for r in extra):
+            raise ValueError(f"resolutions={extra!r}: expected a list of positive integers (or null)")
+        number = isinstance(max_bad_fraction, numbers.Real) and not isinstance(max_bad_fraction, bool)
+        if not (number and 0.0 <= max_bad_fraction <= 1.0):
+            raise ValueError(f"max_bad_fraction={max_bad_fraction!r}: expected a number in [0, 1]")
         self.path = str(path)
         self.val_path = None if val_path is None else str(val_path)
         self.requested_resolution = resolution
@@ -150,13 +157,13 @@ class ShardDataModule(L.LightningDataModule):
                 raise ValueError(f"{name} shard set {split.where} differs from train in channels or labels")
         self._splits, self._resolutions = splits, resolutions
 
-    def train_dataloader(self) -> wds.WebLoader:
+    def train_dataloader(self) -> EpochLoader:
         self.setup()
         rank, world_size = self.rank_and_world()
         split = self._splits["train"]
         count = sum(s.count for s in split.present)
         n = self.batches_per_epoch or max(1, count // (self.batch_size * world_size))
-        health = Health("train", self.max_bad_fraction, min_checked=min(1000, count))
+        health = Health("train", self.max_bad_fraction)
         self._health["train"] = health
         stream = TrainStream(
             shards=split.present,
@@ -173,7 +180,7 @@ class ShardDataModule(L.LightningDataModule):
             # under a Trainer uint8 images go to the device, floats are made there (on_after_batch_transfer)
             uint8=isinstance(self.trainer, L.Trainer),
         )
-        return _EpochLoader(stream, n, self._epoch, num_workers=self.num_workers)
+        return EpochLoader(stream, n, self._epoch, self.num_workers, full_pass=count // world_size)
 
     def eval_dataloader(
         self,
@@ -181,14 +188,12 @@ class ShardDataModule(L.LightningDataModule):
         batch_size: int | None = None,  # None: the training batch size
         pad: bool = False,  # equal full batches on every rank, with batch["mask"]
         num_workers: int | None = None,  # None: the training num_workers
-    ) -> _EvalLoader:
+    ) -> EvalLoader:
         """One exact pass over a split: each sample once across all ranks and workers (module docstring)."""
         name = self._split_name(split)
         rank, world_size = self.rank_and_world()
         workers = self.num_workers if num_workers is None else int(num_workers)
-        health = Health(
-            "eval", self.max_bad_fraction, min_checked=min(1000, self._splits[name].manifest["count"])
-        )
+        health = Health("eval", self.max_bad_fraction)
         self._health["eval"] = health
         stream = EvalStream(
             shards=self._splits[name].shards,
@@ -202,7 +207,7 @@ class ShardDataModule(L.LightningDataModule):
             pad=pad,
             health=health,
         )
-        return _EvalLoader(stream, num_workers=workers)
+        return EvalLoader(stream, num_workers=workers)
 
     def on_after_batch_transfer(self, batch: Any, dataloader_idx: int) -> Any:
         """uint8 images -> float ``[-1, 1]`` on the training device (4x fewer bytes over PCIe)."""
@@ -219,7 +224,7 @@ class ShardDataModule(L.LightningDataModule):
         s = self._splits[name]
         if not 0 <= n <= s.manifest["count"]:
             raise ValueError(f"asked for {n} {name} images but {s.where} holds {s.manifest['count']}")
-        health = Health("real", self.max_bad_fraction, min_checked=s.manifest["count"])
+        health = Health("real", self.max_bad_fraction)
         wanted = (f"{self.resolution}.png",)
         units = eval_units(s.shards, s.manifest["count"], 1, 0)
         imgs = []
@@ -228,6 +233,7 @@ class ShardDataModule(L.LightningDataModule):
                 break
             try:
                 imgs.append(decode(sample, [self.resolution], self.channels, False)[0][0])
+                health.add_good(1)
             except ValueError as e:
                 health.add_bad(1, f"sample {i} (key {sample['__key__']}): {e}")
         if len(imgs) < n:
@@ -288,14 +294,15 @@ class ShardDataModule(L.LightningDataModule):
         return find_splits(self.path, self.val_path, self.max_bad_fraction)
 
     def planned_resolution(self) -> tuple[int | None, str]:
-        """(primary resolution, where from) as ``setup`` will pick it, without writing data (None: unknown)"""
+        """(primary resolution, where from) as ``setup`` will pick it, without writing data (None: unknown).
+
+        Applies the rule of where dead leaves may be written: raises ShardSetError where setup would.
+        """
+        synthetic = self._synthetic_applies(announce=False)
         if self.requested_resolution is not None:
             return int(self.requested_resolution), "set in the config"
-        if self.synthetic is not None and self._synthetic_applies(announce=False):
-            try:  # an up-to-date dead-leaves set is used as it is; anything else is (re)generated
-                same = json_params(Path(self.path) / "train" / MANIFEST) == self.synthetic.params("train")
-            except (OSError, ValueError):
-                same = False
+        if synthetic:  # an up-to-date dead-leaves set is used as it is; anything else is (re)generated
+            same = self.synthetic.written_in(self.path)
             where = f"the dead-leaves set in {self.path}" if same else "the synthetic generator's settings"
             return int(self.synthetic.resolution), f"from {where}"
         try:
@@ -319,19 +326,13 @@ class ShardDataModule(L.LightningDataModule):
         return split
 
     def _synthetic_applies(self, announce: bool) -> bool:
-        """Generate dead leaves only into an empty place or over an earlier dead-leaves set."""
-        root = Path(self.path)
-        if is_pattern(self.path) or (root / MANIFEST).is_file() or root.suffix == ".json":
-            found = True
-        else:
-            try:
-                params = json_params(root / "train" / MANIFEST)
-            except (OSError, ValueError):
-                return True  # nothing there, or an unreadable dead-leaves remnant
-            found = params.get("generator") != "dead-leaves"
-        if found and announce:
+        """Whether dead leaves are to be written at ``path`` (``synthetic.placement``; may raise)."""
+        if self.synthetic is None:
+            return False
+        use = placement(self.path) == "use"
+        if use and announce:
             print(f"data: {self.path} holds a shard set; using it (data.synthetic is ignored)")
-        return not found
+        return not use
 
     def _epoch(self) -> int:
         if self.trainer is not None:
@@ -340,11 +341,13 @@ class ShardDataModule(L.LightningDataModule):
         return self._passes - 1
 
 
-def json_params(path: Path) -> dict[str, Any]:
-    """The ``params`` of a manifest file (no validation); FileNotFoundError / ValueError when unreadable."""
-    if not path.is_file():
-        raise FileNotFoundError(path)
-    return json.loads(path.read_text()).get("params") or {}
+def _check_int(name: str, value: Any, low: int, optional: bool = False) -> None:
+    """ValueError ``"<name>=<value>: expected ..."`` unless ``value`` is an int >= ``low`` (or None)."""
+    if optional and value is None:
+        return
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < low:
+        what = {0: "a non-negative integer", 1: "a positive integer"}.get(low, f"an integer >= {low}")
+        raise ValueError(f"{name}={value!r}: expected {what}" + (" or null" if optional else ""))
 
 
 class LogSkipped(L.Callback):
@@ -357,53 +360,3 @@ class LogSkipped(L.Callback):
             pl_module.log(
                 "data/skipped", skipped, on_step=True, sync_dist=True, reduce_fx="sum", batch_size=1
             )
-
-
-class _EpochLoader(wds.WebLoader):
-    """``WebLoader`` over a :class:`TrainStream`: ``n_batches`` per pass, a new epoch seed per pass.
-
-    At the end of a pass the bad fraction of all samples tried is checked (during the pass, workers
-    check it once ``min_checked`` samples were tried).
-    """
-
-    def __init__(self, stream: TrainStream, n_batches: int, epoch: Callable[[], int], num_workers: int):
-        super().__init__(
-            stream,
-            batch_size=None,  # the stream batches
-            num_workers=num_workers,
-            persistent_workers=False,  # fresh workers per pass see the new epoch
-            pin_memory=torch.cuda.is_available(),
-        )
-        self.with_epoch(n_batches)  # counts batches on the loader (PLATFORM.md)
-        self.stream, self.n_batches, self._epoch_fn = stream, n_batches, epoch
-
-    def __len__(self) -> int:
-        return self.n_batches
-
-    def __iter__(self) -> Iterator[dict[str, torch.Tensor]]:
-        self.stream.epoch = self._epoch_fn()  # before the DataLoader forks (or pickles) its workers
-        yield from super().__iter__()
-        self.stream.health.check(final=True)  # the bad fraction of everything tried so far
-
-
-class _EvalLoader(DataLoader):
-    """DataLoader over an :class:`EvalStream`; checks the bad fraction of the whole pass at its end."""
-
-    def __init__(self, stream: EvalStream, num_workers: int):
-        super().__init__(
-            stream, batch_size=None, num_workers=num_workers, pin_memory=torch.cuda.is_available()
-        )
-        self.stream = stream
-
-    def __len__(self) -> int:
-        """Batches this rank yields (without bad samples; exact with ``pad``)."""
-        s, w = self.stream, max(1, self.num_workers)
-        if s.pad:
-            return w * s.batches_per_worker(w)
-        consumers = s.world_size * w
-        sizes = [(j + 1) * s.total // consumers - j * s.total // consumers for j in range(consumers)]
-        return sum(-(-n // s.batch_size) for n in sizes[s.rank * w : (s.rank + 1) * w])
-
-    def __iter__(self) -> Iterator[dict[str, torch.Tensor]]:
-        yield from super().__iter__()
-        self.stream.health.check(final=True)

@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 import torch
 
-from datamodules.manifest import ShardWriter, make_manifest, sample_dict, write_manifest
+from datamodules.manifest import ShardSetError, ShardWriter, make_manifest, sample_dict, write_manifest
 from datamodules.streams import BadDataError, CorruptDataWarning, Shard, TrainStream, train_units
 from datamodules.synthetic import DeadLeaves
 from datamodules.webdataset import ShardDataModule
@@ -172,20 +172,26 @@ def test_corrupt_member_non_image_and_fraction(tmp_path):
 
     strict = ShardDataModule(str(path), resolution=8, batch_size=8, num_workers=2, max_bad_fraction=0.02)
     with pytest.raises(
-        BadDataError, match=r"2 of 37 eval samples \(5.4%\) are unreadable, more than max_bad"
+        BadDataError,
+        match=r"2 of 37 eval samples read so far \(5.4 %\) are unreadable, more than data.max_bad_fraction",
     ):
         list(strict.eval_dataloader())
-    with pytest.raises(BadDataError, match="train samples .* more than max_bad_fraction=0.02"):
+    with pytest.raises(
+        BadDataError, match="train samples read so far .* more than data.max_bad_fraction=0.02"
+    ):
         list(strict.train_dataloader())  # raised in a worker process, re-raised here
 
 
 def test_truncated_and_missing_shards(shards, tmp_path):
     tar = shards / "shard-000001.tar"  # samples 16..31
     data = tar.read_bytes()
+    dm = ShardDataModule(str(shards), resolution=8, batch_size=8, num_workers=0, max_bad_fraction=0.5)
+    strict = ShardDataModule(str(shards), resolution=8, batch_size=8, num_workers=0)  # 1 %
+    dm.setup()  # opened whole: the shard is cut afterwards, the reader counts what it lacks
+    strict.setup()
     tar.write_bytes(data[: len(data) // 2])
-    with pytest.warns(CorruptDataWarning, match="shard-000001.tar is .* bytes, the manifest says"):
-        dm = ShardDataModule(str(shards), resolution=8, batch_size=8, num_workers=0, max_bad_fraction=0.5)
-        dm.setup()
+    with pytest.raises(ShardSetError, match=r"shard-000001.tar is \d+ bytes but .*manifest.json records"):
+        ShardDataModule(str(shards)).setup()  # a set opened now is refused (test_data_reliability.py)
     with pytest.warns(
         CorruptDataWarning, match=r"shard-000001.tar positions 0..15: .*(truncated|end of data)"
     ):
@@ -194,7 +200,6 @@ def test_truncated_and_missing_shards(shards, tmp_path):
     assert 0 < lost < 16 and idx == list(range(32 - lost)) + list(range(32, N))
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", CorruptDataWarning)
-        strict = ShardDataModule(str(shards), resolution=8, batch_size=8, num_workers=0)  # 1 %
         with pytest.raises(BadDataError, match="shard-000001.tar"):
             list(strict.train_dataloader())
 
