@@ -3,11 +3,17 @@
 - ``load(exp, overrides)`` reads ``experiments/<exp>.yaml`` (or a path), merges its ``base:`` list
   (one level, paths relative to the file), applies ``key=value`` overrides and returns a struct-mode
   config: a key that does not exist is an error naming it, with the closest existing keys.
-  ``+key=value`` adds a key on purpose.
+  ``+key=value`` adds a key on purpose. An override keeps the type the config holds (an integer key
+  takes an integer, a number key a number, a true/false key a bool, a list a list), unless the
+  receiving keyword argument's annotation admits more (``trainer.devices=auto``, ``…=null`` where the
+  argument may be None); ``???`` and unparsable values are refused.
 - ``instantiate(node, path)`` builds objects from ``_target_`` import paths, depth first. A bad
   constructor argument is reported with the node's full config path, e.g.
-  ``module.process: GaussianProcess got an unexpected keyword argument 'sigmma'``.
-No Lightning here; the runner in ``experiments/`` is the composition root.
+  ``module.process: GaussianProcess got an unexpected keyword argument 'sigmma'``; a ``ValueError`` or
+  ``TypeError`` raised by the constructor becomes ``ConfigError("<path>: <Target>: <message>")`` (the
+  path names the argument when the message starts with it: ``module.lr: DDPMModule: lr=-1: ...``).
+- ``check_args`` is the constructors' one-line argument check (``name=value: expected <kind>``).
+Every message is one line. No Lightning here; the runner in ``experiments/`` is the composition root.
 """
 
 from __future__ import annotations
@@ -15,17 +21,31 @@ from __future__ import annotations
 import difflib
 import importlib
 import inspect
+import math
 import os
+import re
+from numbers import Integral, Real
 from pathlib import Path
 from typing import Any
 
+import yaml
 from omegaconf import DictConfig, ListConfig, OmegaConf
+from omegaconf.errors import OmegaConfBaseException
 
 EXPERIMENTS_DIR = Path(__file__).resolve().parent.parent / "experiments"
+
+# Config nodes without a ``_target_`` whose keys are keyword arguments of a callable, as import paths:
+# their annotations say which types an override may take. Empty here (the core imports no Lightning);
+# ``experiments`` registers ``"trainer": "lightning.Trainer"``, the callable its runner passes it to.
+RECEIVERS: dict[str, str] = {}
 
 
 class ConfigError(ValueError):
     """A config problem; the message names the config path."""
+
+
+def one_line(text: Any) -> str:
+    return "; ".join(s.strip() for s in str(text).splitlines() if s.strip())
 
 
 def resolve_path(exp: str) -> Path:
@@ -45,7 +65,20 @@ def resolve_path(exp: str) -> Path:
 
 
 def _read(path: Path) -> DictConfig:
-    cfg = OmegaConf.load(path)
+    try:
+        cfg = OmegaConf.load(path)
+    except yaml.MarkedYAMLError as e:
+        mark = e.problem_mark or e.context_mark
+        where = f"{path}:{mark.line + 1}" if mark else str(path)
+        context = ""
+        if e.context and e.context_mark and e.context_mark is not mark:
+            context = f" ({e.context} at line {e.context_mark.line + 1})"
+        raise ConfigError(f"{where}: YAML syntax error: {e.problem or e.context}{context}") from e
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{path}: YAML syntax error: {one_line(e)}") from e
+    except OmegaConfBaseException as e:  # e.g. a malformed ${...} interpolation
+        first = str(e.msg or e).splitlines()[0]
+        raise ConfigError(f"{path}: {e.full_key or '<root>'}: {first}") from e
     if not isinstance(cfg, DictConfig):
         raise ConfigError(f"{path}: expected a mapping at the top level")
     return cfg
@@ -81,6 +114,128 @@ def _check_key(cfg: DictConfig, key: str) -> None:
         node = node._get_node(part)
 
 
+def _leaf(cfg: DictConfig, key: str) -> Any:
+    """The node at dotted ``key`` (None when absent)."""
+    node: Any = cfg
+    for part in key.split("."):
+        if not isinstance(node, DictConfig):
+            return None
+        node = node._get_node(part, validate_access=False)
+    return node
+
+
+def _show(v: Any) -> str:
+    if isinstance(v, (DictConfig, ListConfig)):
+        v = OmegaConf.to_container(v)
+    if v is None or isinstance(v, bool):
+        return {None: "null", True: "true", False: "false"}[v]
+    return repr(v)
+
+
+def _same_kind(cur: Any, new: Any) -> bool:
+    if new is None:
+        return False
+    if isinstance(cur, bool):
+        return isinstance(new, bool)
+    if isinstance(cur, int):
+        return isinstance(new, int) and not isinstance(new, bool)
+    if isinstance(cur, float):
+        return isinstance(new, (int, float)) and not isinstance(new, bool)
+    if isinstance(cur, ListConfig):
+        return isinstance(new, ListConfig)
+    if isinstance(cur, DictConfig):
+        return isinstance(new, DictConfig)
+    return not isinstance(new, (DictConfig, ListConfig))  # a string (or other scalar) key: any scalar
+
+
+def _expected(cur: Any, new: Any, key: str) -> str:
+    if isinstance(cur, bool):
+        return "true or false"
+    if isinstance(cur, int):
+        return "an integer"
+    if isinstance(cur, float):
+        return "a number"
+    if isinstance(cur, ListConfig):
+        return "a list"
+    if isinstance(cur, DictConfig):
+        return f"a mapping, as in the config (set its keys one by one: {key}.<name>=...)"
+    return "a string" if new is None else "a single value, not a list or mapping"
+
+
+def _receiver_admits(cfg: DictConfig, key: str, new: Any) -> bool:
+    """Whether the keyword argument that receives ``key`` is annotated to take ``new``'s type."""
+    parent, name = key.rpartition(".")[::2]
+    node = _leaf(cfg, parent) if parent else cfg
+    try:
+        if isinstance(node, DictConfig) and "_target_" in node:
+            target = locate(str(node["_target_"]), parent)
+        elif parent in RECEIVERS:
+            target = locate(RECEIVERS[parent], parent)
+        else:
+            return False
+    except Exception:  # an unimportable target is reported by instantiate, with its path
+        return False
+    for fn in _init_functions(target):
+        try:
+            p = inspect.signature(fn).parameters.get(name)
+        except (TypeError, ValueError):
+            continue
+        if p is None or p.kind in (p.VAR_KEYWORD, p.VAR_POSITIONAL):
+            continue
+        if p.annotation is p.empty:
+            return False
+        ann = p.annotation if isinstance(p.annotation, str) else inspect.formatannotation(p.annotation)
+        words = set(re.findall(r"[A-Za-z_]\w*", ann))
+        if new is None:
+            return bool(words & {"None", "NoneType", "Optional"}) or p.default is None
+        if isinstance(new, bool):
+            return "bool" in words
+        if isinstance(new, (int, float)):
+            return "float" in words or (isinstance(new, int) and "int" in words)
+        if isinstance(new, str):
+            return bool(words & {"str", "Literal"})
+        if isinstance(new, ListConfig):
+            return bool(words & {"list", "List", "tuple", "Tuple", "Sequence"})
+        return bool(words & {"dict", "Dict", "Mapping"})
+    return False
+
+
+def _init_functions(target: Any) -> list[Any]:
+    """The callables whose parameters a call of ``target`` may reach (``**kwargs`` up the MRO)."""
+    if inspect.isclass(target):
+        return [c.__init__ for c in target.__mro__ if "__init__" in vars(c)]
+    return [target]
+
+
+def _check_value(cfg: DictConfig, key: str, parsed: DictConfig) -> None:
+    new_node = _leaf(parsed, key)
+    if new_node._is_missing():
+        raise ConfigError(f"{key}=???: a required-value marker, give a value")
+    if new_node._is_interpolation():
+        return
+    new = new_node if isinstance(new_node, (DictConfig, ListConfig)) else new_node._value()
+    parts = key.split(".")
+    for i in range(1, len(parts)):
+        above, where = _leaf(cfg, ".".join(parts[:i])), ".".join(parts[:i])
+        if above is not None and not isinstance(above, DictConfig):
+            shown = _show(above if isinstance(above, ListConfig) else above._value())
+            raise ConfigError(f"{key}: {where} is not a section (the config has {shown})")
+    cur_node = _leaf(cfg, key)
+    if cur_node is None or cur_node._is_missing():
+        return
+    if cur_node._is_interpolation():
+        try:
+            cur = OmegaConf.select(cfg, key)
+        except Exception:  # resolved (and reported) later
+            return
+    else:
+        cur = cur_node if isinstance(cur_node, (DictConfig, ListConfig)) else cur_node._value()
+    if cur is None or _same_kind(cur, new) or _receiver_admits(cfg, key, new):
+        return
+    has = "" if isinstance(cur, DictConfig) else f" (the config has {_show(cur)})"
+    raise ConfigError(f"{key}={_show(new)}: expected {_expected(cur, new, key)}{has}")
+
+
 def apply_overrides(cfg: DictConfig, overrides: list[str]) -> DictConfig:
     """Apply ``key=value`` (existing keys only) and ``+key=value`` (new keys) overrides."""
     for item in overrides:
@@ -91,9 +246,19 @@ def apply_overrides(cfg: DictConfig, overrides: list[str]) -> DictConfig:
         key = key.lstrip("+")
         if not add:
             _check_key(cfg, key)
-        parsed = OmegaConf.from_dotlist([f"{key}={value}"])
+        try:
+            parsed = OmegaConf.from_dotlist([f"{key}={value}"])
+        except (yaml.YAMLError, OmegaConfBaseException) as e:
+            problem = getattr(e, "problem", None) or str(getattr(e, "msg", e)).splitlines()[0]
+            raise ConfigError(
+                f"{key}={value!r}: not a valid value ({problem}); quote it for a string: {key}='\"...\"'"
+            ) from e
+        _check_value(cfg, key, parsed)  # a new key ('+') has no type to keep
         OmegaConf.set_struct(cfg, False)
-        cfg = OmegaConf.merge(cfg, parsed)
+        try:
+            cfg = OmegaConf.merge(cfg, parsed)
+        except OmegaConfBaseException as e:
+            raise ConfigError(f"{item}: {str(e.msg or e).splitlines()[0]}") from e
     OmegaConf.set_struct(cfg, True)
     return cfg
 
@@ -105,7 +270,10 @@ def load(exp: str, overrides: list[str] | None = None) -> DictConfig:
     bases = cfg.pop("base", None) or []
     merged = OmegaConf.create({})
     for b in [bases] if isinstance(bases, str) else bases:
-        base_cfg = _read((path.parent / b).resolve())
+        base_path = (path.parent / b).resolve()
+        if not base_path.is_file():
+            raise ConfigError(f"{path.name}: base file {b!r} not found (looked for {base_path})")
+        base_cfg = _read(base_path)
         if "base" in base_cfg:
             raise ConfigError(f"{b}: base files may not have their own 'base:' (one level only)")
         merged = OmegaConf.merge(merged, base_cfg)
@@ -117,7 +285,7 @@ def load(exp: str, overrides: list[str] | None = None) -> DictConfig:
     try:
         OmegaConf.resolve(cfg)
     except Exception as e:  # interpolation to a missing key, etc.
-        raise ConfigError(f"{path.name}: {e}") from e
+        raise ConfigError(f"{path.name}: {one_line(e)}") from e
     return cfg
 
 
@@ -169,20 +337,57 @@ def instantiate(node: Any, path: str = "", **extra: Any) -> Any:
             raise ConfigError(msg) from None
         except ValueError:  # builtins without a signature
             pass
-        return target(**kwargs)
+        try:
+            return target(**kwargs)
+        except ConfigError:
+            raise
+        except (ValueError, TypeError) as e:
+            raise ConfigError(_call_error(path, target, list(children), e)) from e
     if isinstance(node, ListConfig):
         return [instantiate(v, f"{path}[{i}]") for i, v in enumerate(node)]
     return node
 
 
-def _param_names(target: Any) -> list[str] | None:
+def _call_error(path: str, target: Any, given: list[str], e: Exception) -> str:
+    """``<path>[.<argument>]: <Target>: <message>`` for an error raised by ``target(**kwargs)``."""
+    msg = one_line(e) or type(e).__name__
+    start = re.match(r"([A-Za-z_]\w*)(?=[=\s:'])", msg)
+    unexpected = re.search(r"unexpected keyword argument '(\w+)'", msg)
+    arg = next((m[1] for m in (start, unexpected) if m and m[1] in given), None)
+    if unexpected and "did you mean" not in msg:
+        names = {n for fn in _init_functions(target) for n in (_param_names(fn, var_kw=True) or [])}
+        hint = difflib.get_close_matches(unexpected[1], sorted(names - {"self"}), n=1)
+        msg += f"; did you mean {hint[0]!r}?" if hint else ""
+    where = ".".join(p for p in (path, arg) if p) or "<root>"
+    return f"{where}: {getattr(target, '__name__', type(target).__name__)}: {msg}"
+
+
+def _param_names(target: Any, var_kw: bool = False) -> list[str] | None:
     try:
         sig = inspect.signature(target)
     except (TypeError, ValueError):
         return None
-    if any(p.kind is p.VAR_KEYWORD for p in sig.parameters.values()):
+    if not var_kw and any(p.kind is p.VAR_KEYWORD for p in sig.parameters.values()):
         return None
-    return list(sig.parameters)
+    return [n for n, p in sig.parameters.items() if p.kind not in (p.VAR_KEYWORD, p.VAR_POSITIONAL)]
+
+
+_KINDS = {
+    "a positive integer": lambda v: isinstance(v, Integral) and not isinstance(v, bool) and v >= 1,
+    "a non-negative integer": lambda v: isinstance(v, Integral) and not isinstance(v, bool) and v >= 0,
+    "an integer": lambda v: isinstance(v, Integral) and not isinstance(v, bool),
+    "a positive number": lambda v: isinstance(v, Real) and not isinstance(v, bool) and 0 < v < math.inf,
+    "a non-negative number": lambda v: isinstance(v, Real) and not isinstance(v, bool) and 0 <= v < math.inf,
+}
+
+
+def check_args(kind: str, allow_none: bool = False, **values: Any) -> None:
+    """``ValueError("name=value: expected <kind>")`` for the first of ``values`` that is not ``kind``
+    (one of ``_KINDS``: "a positive integer", "a non-negative number", ...); ``allow_none``: or None."""
+    ok = _KINDS[kind]
+    for name, v in values.items():
+        if not ((allow_none and v is None) or ok(v)):
+            raise ValueError(f"{name}={_show(v)}: expected {kind}{' or null' if allow_none else ''}")
 
 
 def env_flag(name: str) -> bool:

@@ -36,6 +36,7 @@ import lightning as L
 import torch
 from torch import Tensor
 
+from freqdiff.config import check_args
 from freqdiff.nets.precond import Denoiser
 from freqdiff.rng import derive_seed
 
@@ -54,6 +55,15 @@ class DiffusionModule(L.LightningModule):
         seed: int = 0,  # root of the per-rank training generators (the runner passes run.seed)
     ):
         super().__init__()
+        check_args("a positive number", lr=lr)
+        check_args("a non-negative number", weight_decay=weight_decay, ema_halflife_kimg=ema_halflife_kimg)
+        check_args("a non-negative number", allow_none=True, ema_rampup=ema_rampup)
+        check_args("a non-negative integer", warmup_steps=warmup_steps)
+        check_args("an integer", seed=seed)
+        if len(betas) != 2 or not all(isinstance(b, (int, float)) and 0 <= b < 1 for b in betas):
+            raise ValueError(f"betas={list(betas)!r}: expected two numbers in [0, 1)")
+        if ema_decay is not None and not (isinstance(ema_decay, (int, float)) and 0.0 <= ema_decay < 1.0):
+            raise ValueError(f"ema_decay={ema_decay!r}: expected a number in [0, 1) or null")
         self.denoiser = denoiser
         self.ema = copy.deepcopy(denoiser).requires_grad_(False)  # eval mode only while sampling
         self.lr, self.weight_decay, self.betas, self.warmup_steps = (
@@ -62,8 +72,6 @@ class DiffusionModule(L.LightningModule):
             tuple(betas),
             warmup_steps,
         )
-        if ema_decay is not None and not 0.0 <= ema_decay < 1.0:
-            raise ValueError(f"ema_decay must be in [0, 1), got {ema_decay}")
         self.ema_halflife_kimg, self.ema_rampup, self.ema_decay = ema_halflife_kimg, ema_rampup, ema_decay
         self.seed = int(seed)
         self.register_buffer("nimg", torch.zeros((), dtype=torch.long))  # images seen, all ranks

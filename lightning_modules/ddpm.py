@@ -13,7 +13,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-from freqdiff.nets.precond import Denoiser
+from freqdiff.config import check_args
+from freqdiff.nets.precond import PREDICTIONS, Denoiser
 from freqdiff.processes.base import NoiseSource, Process
 from freqdiff.samplers import sample_ancestral
 from lightning_modules.base import DiffusionModule
@@ -34,6 +35,13 @@ class DDPMModule(DiffusionModule):
         sigma_data: float = 0.5,  # σ_d of EDM preconditioning (prediction "edm")
         **base,  # DiffusionModule arguments (lr, ema_halflife_kimg, ...)
     ):
+        if prediction not in PREDICTIONS:
+            choices = ", ".join(map(repr, PREDICTIONS))
+            raise ValueError(f"prediction={prediction!r}: expected one of {choices}")
+        check_args("a positive integer", sample_steps=sample_steps, channels=channels)
+        check_args("a non-negative number", sample_eta=sample_eta)
+        check_args("a positive number", sigma_data=sigma_data)
+        check_args("a positive number", allow_none=True, min_snr=min_snr)
         super().__init__(Denoiser(net, process, prediction, sigma_data), **base)
         self.process, self.time_sampler, self.min_snr = process, time_sampler, min_snr
         self.sample_steps, self.sample_eta, self.clip_x0, self.channels = (

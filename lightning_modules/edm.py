@@ -11,6 +11,7 @@ from __future__ import annotations
 
 from torch import Tensor, nn
 
+from freqdiff.config import check_args
 from freqdiff.processes.base import Process
 from freqdiff.samplers import sample_heun
 from lightning_modules.ddpm import DDPMModule
@@ -30,6 +31,9 @@ class EDMModule(DDPMModule):
         S_noise: float = 1.0,  # churn noise inflation
         **ddpm,  # DDPMModule / DiffusionModule arguments (min_snr, channels, lr, ema_halflife_kimg, ...)
     ):
+        check_args("a non-negative number", S_churn=S_churn, S_min=S_min, S_noise=S_noise)
+        if not (isinstance(S_max, (int, float)) and S_max >= S_min):
+            raise ValueError(f"S_max={S_max!r}: expected a number >= S_min={S_min!r}")
         super().__init__(net, process, time_sampler, prediction=prediction, sample_steps=sample_steps, **ddpm)
         self.S_churn, self.S_min, self.S_max, self.S_noise = S_churn, S_min, S_max, S_noise
 

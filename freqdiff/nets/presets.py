@@ -18,6 +18,8 @@ against the paper and edm_relay64 (with 1000 classes, 6 outputs) against ADM's 2
 
 from __future__ import annotations
 
+import difflib
+import inspect
 from typing import Any
 
 from torch import nn
@@ -108,7 +110,15 @@ PRESETS: dict[str, dict[str, Any]] = {
 def unet(preset: str = "tiny", **overrides: Any) -> UNet:
     """Build a UNet from a named preset; ``overrides`` replace the preset's keyword arguments."""
     if preset not in PRESETS:
-        raise ValueError(f"unknown UNet preset {preset!r}; expected one of {sorted(PRESETS)}")
+        raise ValueError(f"preset={preset!r}: expected one of {', '.join(map(repr, sorted(PRESETS)))}")
+    accepted = set(inspect.signature(UNet).parameters) | {"attn_levels"}
+    for key in overrides:
+        if key not in accepted:
+            hint = difflib.get_close_matches(key, sorted(accepted), n=1)
+            raise TypeError(
+                f"unet() got an unexpected keyword argument {key!r} (not a UNet argument)"
+                + (f"; did you mean {hint[0]!r}?" if hint else "")
+            )
     kwargs = {**PRESETS[preset], **overrides}
     levels = kwargs.pop("attn_levels", None)  # preset-relative attention: resolution / 2**level
     if levels is not None and "attn_resolutions" not in overrides:

@@ -24,6 +24,8 @@ stop at any level; missing skips (levels the encoder never visited) are zeros.
 
 from __future__ import annotations
 
+from numbers import Integral
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
@@ -179,10 +181,12 @@ class UNet(nn.Module):
         super().__init__()
         num_levels = len(channel_mult)
         factor = 2 ** (num_levels - 1)
+        if isinstance(resolution, bool) or not isinstance(resolution, Integral) or resolution < 1:
+            raise ValueError(f"resolution={resolution!r}: expected a positive integer")
         if resolution % factor:
             raise ValueError(
-                f"resolution {resolution} is not divisible by 2**(len(channel_mult)-1) = {factor} "
-                f"(channel_mult={tuple(channel_mult)})"
+                f"resolution {resolution}: expected a multiple of {factor} "
+                f"for channel_mult={tuple(channel_mult)}"
             )
         resolutions = [resolution // 2**level for level in range(num_levels)]
         unknown = sorted(set(attn_resolutions) - set(resolutions), reverse=True)
