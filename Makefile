@@ -20,8 +20,10 @@ $(STAMP): pyproject.toml constraints.txt
 	$(PY) -c "import freqdiff._torchvision_compat as m; m.write_pth()"
 	@touch $(STAMP)
 
+# make exp [EXP=name] [ARGS="key=value ..."]; make exp RUN=runs/<exp>/<name> [ARGS=...] resumes that run
+# from its saved config (only the resumable keys, e.g. trainer.max_steps, may be given).
 exp: install
-	DRY=$(DRY) $(PY) -m experiments run $(EXP) $(ARGS)
+	DRY=$(DRY) $(PY) -m experiments $(if $(RUN),resume "$(RUN)",run $(EXP)) $(ARGS)
 
 test: install
 	$(PY) -m pytest -q $(PYTEST_ARGS)

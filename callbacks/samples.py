@@ -17,6 +17,7 @@ import lightning as L
 import torch
 
 from freqdiff.analysis.images import make_grid, save_png, side_by_side
+from freqdiff.config import check_args
 
 
 class SampleGrid(L.Callback):
@@ -29,6 +30,10 @@ class SampleGrid(L.Callback):
         upscale: int = 4,  # nearest upscaling of the PNGs
         final: bool = True,  # samples beside real images at the end
     ):
+        check_args("a non-negative integer", every_n_steps=every_n_steps)
+        check_args("a positive integer", n=n, upscale=upscale)
+        check_args("a positive integer", allow_none=True, steps=steps)
+        check_args("an integer", seed=seed)
         self.every_n_steps, self.n, self.seed, self.steps = every_n_steps, n, seed, steps
         self.upscale, self.final = upscale, final
 
@@ -67,3 +72,8 @@ class SampleGrid(L.Callback):
         save_png(panel, run_dir / "samples_vs_real.png")
         self._log_grid(trainer, "samples_vs_real", panel)
         print(f"wrote {run_dir / 'samples_vs_real.png'} in {time.perf_counter() - t0:.1f} s")
+
+    def missing_final_outputs(self, trainer) -> list[str]:
+        """End-of-training outputs not written (``experiments.runner``)."""
+        done = (Path(trainer.default_root_dir) / "samples_vs_real.png").is_file()
+        return ["samples_vs_real.png"] if self.final and not done else []

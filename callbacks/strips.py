@@ -22,6 +22,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from freqdiff.analysis.images import make_grid, save_png
+from freqdiff.config import check_args
 
 
 def frame_steps(steps: int, frames: int) -> list[int]:
@@ -64,6 +65,11 @@ class X0Strip(L.Callback):
         upscale: int = 4,  # nearest upscaling of the PNG
         at_end: bool = True,  # also when training ends
     ):
+        check_args("a non-negative integer", every_n_steps=every_n_steps)
+        check_args("a positive integer", frames=frames, upscale=upscale)
+        check_args("a positive integer", allow_none=True, steps=steps)
+        if isinstance(seeds, (str, bytes)) or not seeds or not all(isinstance(s, int) for s in seeds):
+            raise ValueError(f"seeds={seeds!r}: expected a non-empty list of integers")
         self.every_n_steps, self.seeds, self.frames, self.steps = every_n_steps, list(seeds), frames, steps
         self.upscale, self.at_end = upscale, at_end
         self._last = -1
@@ -90,3 +96,8 @@ class X0Strip(L.Callback):
     def on_train_end(self, trainer, pl_module) -> None:
         if self.at_end and trainer.is_global_zero and trainer.global_step != self._last:
             self._write(trainer, pl_module)
+
+    def missing_final_outputs(self, trainer) -> list[str]:
+        """End-of-training outputs not written (``experiments.runner``)."""
+        name = f"strips/step_{trainer.global_step:07d}.png"
+        return [name] if self.at_end and not (Path(trainer.default_root_dir) / name).is_file() else []

@@ -1,4 +1,6 @@
 """Command line: ``python -m experiments run EXP [key=value ...]`` (what ``make exp`` calls),
+``python -m experiments resume RUN [key=value ...]`` (``make exp RUN=...``: resume a run folder from
+its saved config; only resumable keys such as ``trainer.max_steps`` may be given),
 ``python -m experiments sample RUN [--n N ...]`` (``make sample``) and
 ``python -m experiments eval RUN [--n N] [--ref REF ...]`` (``make eval``; see experiments/evaluate.py).
 
@@ -7,12 +9,17 @@
 settings), as the run does, and a comment line at the top says where it came from. Overrides use
 dotted keys (``trainer.max_steps=1000 data.batch_size=16``); ``+key=value`` adds a key that does not
 exist.
+
+A bad config value is one line on stderr, ``config error: <key>=<value>: expected ...``, and exit
+code 2; a run that diverges (NaN/Inf loss) stops with exit code 3; ``FREQDIFF_DEBUG=1`` shows the
+traceback as well.
 """
 
 from __future__ import annotations
 
 import argparse
 import sys
+import traceback
 
 from freqdiff.config import ConfigError, env_flag, load, to_yaml
 
@@ -24,16 +31,33 @@ def main(argv: list[str] | None = None) -> int:
     p_run.add_argument("exp", help="experiment name under experiments/ or a path to a .yaml")
     p_run.add_argument("overrides", nargs="*", help="key=value overrides")
     p_run.add_argument("--dry", action="store_true", help="print the resolved config and exit (also DRY=1)")
+    p_res = sub.add_parser("resume", help="resume a run folder from its saved config")
+    p_res.add_argument("run", help="run folder: <run.root>/<experiment>/<run.name>")
+    p_res.add_argument("overrides", nargs="*", help="resumable key=value overrides (trainer.max_steps=...)")
+    p_res.add_argument("--dry", action="store_true", help="print the config it would resume with")
     _add_sample_eval(sub)
     args = parser.parse_args(argv)
     if args.cmd in ("sample", "eval"):
         return _sample_eval(args)
-    try:
-        cfg = load(args.exp, args.overrides)
-        from experiments.runner import quiet_libraries, resolve_data, run
+    from callbacks.checkpoint import TrainingDiverged
+    from datamodules.health import BadDataError
 
+    try:
+        from experiments.runner import load_saved, quiet_libraries, resolve_data, run
+        from experiments.validate import check_config
+
+        if args.cmd == "resume":
+            cfg = load_saved(args.run, args.overrides)
+            with quiet_libraries():
+                if args.dry or env_flag("DRY"):
+                    print(to_yaml(cfg), end="")
+                    return 0
+                run(cfg, data_note="as saved in the run's config.yaml")
+            return 0
+        cfg = load(args.exp, args.overrides)
         with quiet_libraries():  # library banners and warnings that do not matter here (runner.py)
             if args.dry or env_flag("DRY"):
+                check_config(cfg)
                 cfg, source = resolve_data(cfg, args.exp, args.overrides, write=False)
                 if "data" in cfg and "resolution" in cfg.data:
                     res = cfg.data.resolution
@@ -43,12 +67,20 @@ def main(argv: list[str] | None = None) -> int:
             cfg, source = resolve_data(cfg, args.exp, args.overrides)
             run(cfg, data_note=source)
         return 0
-    except ConfigError as e:
-        print(f"config error: {e}", file=sys.stderr)
-        return 2
-    except FileNotFoundError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    except (ConfigError, FileNotFoundError) as e:
+        return _fail("config error", e)
+    except TrainingDiverged as e:
+        return _fail("error", e, code=3)
+    except BadDataError as e:  # too much of the data is unreadable (datamodules/health.py)
+        return _fail("data error", e)
+
+
+def _fail(prefix: str, e: BaseException, code: int = 2) -> int:
+    """``<prefix>: <message>`` on stderr, exit ``code``; with ``FREQDIFF_DEBUG=1`` the traceback first."""
+    if env_flag("FREQDIFF_DEBUG"):
+        traceback.print_exception(e)
+    print(f"{prefix}: {e}", file=sys.stderr)
+    return code
 
 
 def _add_sample_eval(sub) -> None:
@@ -127,8 +159,7 @@ def _sample_eval(args) -> int:
             )
         return 0
     except (FileNotFoundError, InceptionWeightsNotFound, ValueError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+        return _fail("error", e)
 
 
 if __name__ == "__main__":

@@ -36,8 +36,9 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from callbacks.fid import NFECounter, reference_stats
-from freqdiff.checkpoints import load_run, read_checkpoint
+from callbacks.reference import NFECounter, reference_stats
+from experiments.chunks import chunk_path, read_chunk, write_chunk  # noqa: F401  (re-exported)
+from freqdiff.checkpoints import load_run, read_checkpoint, run_folder
 from freqdiff.config import instantiate
 from freqdiff.metrics.evaluator import SetStats, compare, quantize
 from freqdiff.metrics.fid import FeatureStats, InceptionFeatures, StatsCache, inception_available
@@ -85,49 +86,6 @@ def chunk_ranges(n: int, chunk: int) -> list[tuple[int, int]]:
     if n < 1 or chunk < 1:
         raise ValueError(f"n and chunk must be >= 1, got n={n}, chunk={chunk}")
     return [(a, min(n, a + chunk)) for a in range(0, n, chunk)]
-
-
-# -------------------------------------------------------------------- chunk files
-def chunk_path(folder: Path, c: int, fmt: str) -> Path:
-    return folder / (f"chunk_{c:06d}.npz" if fmt == "npz" else f"chunk_{c:06d}")
-
-
-def write_chunk(folder: Path, c: int, fmt: str, images: torch.Tensor, seeds: list[int]) -> Path:
-    """Atomically write uint8 images [k, C, H, W] of ``seeds`` as chunk ``c``."""
-    u8 = quantize(images).permute(0, 2, 3, 1).cpu().numpy()  # [k, H, W, C]
-    final = chunk_path(folder, c, fmt)
-    tmp = folder / f".{final.name}.{os.getpid()}.tmp"
-    if fmt == "npz":
-        with open(tmp, "wb") as f:
-            np.savez(f, images=u8, seeds=np.asarray(seeds, dtype=np.int64))
-    else:
-        from PIL import Image
-
-        tmp.mkdir(parents=True, exist_ok=True)
-        for img, s in zip(u8, seeds):
-            Image.fromarray(img[..., 0] if img.shape[-1] == 1 else img).save(tmp / f"{s:08d}.png")
-    os.replace(tmp, final)
-    return final
-
-
-def read_chunk(folder: Path, c: int, seeds: list[int]) -> torch.Tensor | None:
-    """uint8 [k, C, H, W] of chunk ``c`` if it exists (npz or png) and holds exactly ``seeds``."""
-    npz, png = chunk_path(folder, c, "npz"), chunk_path(folder, c, "png")
-    if npz.is_file():
-        with np.load(npz) as z:
-            if z["seeds"].tolist() != list(seeds):
-                return None
-            return torch.from_numpy(z["images"]).permute(0, 3, 1, 2).contiguous()
-    if png.is_dir():
-        from PIL import Image
-
-        files = [png / f"{s:08d}.png" for s in seeds]
-        if len(list(png.iterdir())) != len(seeds) or not all(f.is_file() for f in files):
-            return None
-        imgs = [np.asarray(Image.open(f)) for f in files]
-        imgs = [i[..., None] if i.ndim == 2 else i for i in imgs]
-        return torch.from_numpy(np.stack(imgs)).permute(0, 3, 1, 2).contiguous()
-    return None
 
 
 # -------------------------------------------------------------------- workers
@@ -180,7 +138,7 @@ def sample_run(
         raise ValueError(f"format must be 'npz' or 'png', got {fmt!r}")
     module, cfg = _load(run, torch.device("cpu"))
     s = sampler_settings(module, run, cfg, steps, eta, precision)
-    folder = Path(out) if out else Path(run) / "generated" / tag_for(s, seed)
+    folder = Path(out) if out else run_folder(run) / "generated" / tag_for(s, seed)
     folder.mkdir(parents=True, exist_ok=True)
     meta = {**s, "n": n, "seed": seed, "chunk": chunk, "format": fmt, "run": str(run)}
     (folder / "meta.json").write_text(json.dumps(meta, indent=2))
@@ -273,7 +231,7 @@ def evaluate_run(
     )
     res = ref_info.pop("resolution")  # the reference's image side (None for an .npz)
 
-    eval_dir = Path(run) / "eval"
+    eval_dir = run_folder(run) / "eval"
     # partial statistics depend on what is accumulated, and on the chunking: both name the folder
     what = {
         "extractor": None if extractor is None else extractor.name,
@@ -288,7 +246,7 @@ def evaluate_run(
     done = _done_chunks(state_dir)
     todo = [c for c in range(len(ranges)) if c not in done]
     print(f"eval: {n} samples ({tag}); {len(todo)} of {len(ranges)} chunks to do; reference {ref_info}")
-    samples_dir = Path(run) / "generated" / tag
+    samples_dir = run_folder(run) / "generated" / tag
     opts = dict(
         fid=use_fid, weights=weights, swd_n=swd_n, keep=keep, batch_size=batch_size, progress=progress
     )
@@ -411,7 +369,7 @@ def _eval_worker(w, workers, run, state_dir, samples_dir, ranges, seed, s, todo,
 def _done_chunks(state_dir: Path) -> set[int]:
     done: set[int] = set()
     for p in sorted(state_dir.glob("part-*.pt")):
-        done |= set(torch.load(p, map_location="cpu", weights_only=False)["chunks"])
+        done |= set(torch.load(p, map_location="cpu", weights_only=True)["chunks"])
     return done
 
 
@@ -419,7 +377,7 @@ def _merge_parts(state_dir: Path, n_chunks: int, extractor, swd_n: int, keep: bo
     total = SetStats(extractor, spectra=True, swd_n=swd_n, keep_features=keep)
     seen: list[int] = []
     for p in sorted(state_dir.glob("part-*.pt")):
-        blob = torch.load(p, map_location="cpu", weights_only=False)
+        blob = torch.load(p, map_location="cpu", weights_only=True)
         part = SetStats(extractor, spectra=True, swd_n=swd_n, keep_features=keep).load_state_dict(
             blob["stats"]
         )

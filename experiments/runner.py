@@ -32,20 +32,25 @@ from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.loggers import TensorBoardLogger
 from omegaconf import DictConfig, OmegaConf
 
-from callbacks.checkpoint import AtomicCheckpointIO, CheckpointOnException, EmbedConfig
+from callbacks.checkpoint import (
+    AtomicCheckpointIO,
+    CheckpointOnException,
+    EmbedConfig,
+    FinishRun,
+    StopOnDivergence,
+)
 from callbacks.progress import ProgressLine, RunHeader
+from experiments.rundir import (  # noqa: F401  (re-exported for scripts and tests)
+    RESUMABLE_KEYS,
+    config_diff,
+    flatten,
+    load_saved,
+    prepare_run_dir,
+    run_dir_for,
+)
+from experiments.validate import check_config
 from freqdiff.checkpoints import find_checkpoint, load_run  # noqa: F401  (re-exported for scripts)
 from freqdiff.config import ConfigError, instantiate, load
-
-# keys whose change does not alter what is trained: allowed when resuming
-RESUMABLE_KEYS = (
-    "trainer.max_steps",
-    "trainer.log_every_n_steps",
-    "trainer.enable_progress_bar",
-    "trainer.enable_model_summary",
-    "run.resume",
-)
-RESUMABLE_SUFFIXES = ("every_n_steps",)
 
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
 
@@ -104,59 +109,6 @@ def _show_warning(message, category, filename, lineno, file=None, line=None) -> 
         pass
 
 
-def flatten(d: Any, prefix: str = "") -> dict[str, Any]:
-    out: dict[str, Any] = {}
-    if isinstance(d, dict):
-        for k, v in d.items():
-            out.update(flatten(v, f"{prefix}{k}."))
-        if not d and prefix:
-            out[prefix[:-1]] = {}
-    else:
-        out[prefix[:-1]] = d
-    return out
-
-
-def config_diff(old: dict, new: dict) -> list[str]:
-    """Keys whose values differ between two resolved configs, except those allowed on resume."""
-    a, b = flatten(old), flatten(new)
-    keys = sorted(set(a) | set(b))
-    return [
-        f"{k}: {a.get(k, '<absent>')!r} -> {b.get(k, '<absent>')!r}"
-        for k in keys
-        if a.get(k, "<absent>") != b.get(k, "<absent>")
-        and k not in RESUMABLE_KEYS
-        and not k.endswith(RESUMABLE_SUFFIXES)
-    ]
-
-
-def run_dir_for(cfg: DictConfig) -> Path:
-    return Path(cfg.run.root) / str(cfg.experiment) / str(cfg.run.name)
-
-
-def prepare_run_dir(cfg: DictConfig) -> tuple[DictConfig, Path, str | None]:
-    """Pick the run folder, check resume compatibility; returns (cfg, run_dir, ckpt_path or None)."""
-    run_dir = run_dir_for(cfg)
-    if not cfg.run.resume and run_dir.exists() and any(run_dir.iterdir()):
-        base, k = str(cfg.run.name), 2
-        while (run_dir.parent / f"{base}-{k}").exists():
-            k += 1
-        cfg.run.name = f"{base}-{k}"
-        run_dir = run_dir_for(cfg)
-        print(f"run.resume=false: starting over in {run_dir}")
-    saved = run_dir / "config.yaml"
-    new = OmegaConf.to_container(cfg, resolve=True)
-    if saved.exists():
-        diff = config_diff(OmegaConf.to_container(OmegaConf.load(saved), resolve=True), new)
-        if diff:
-            raise ConfigError(
-                f"{run_dir} holds a run with a different config; refusing to resume. Changed keys:\n  "
-                + "\n  ".join(diff)
-                + "\nUse run.resume=false to start over under a new name, or run.name=... for another run."
-            )
-    last = run_dir / "checkpoints" / "last.ckpt"
-    return cfg, run_dir, (str(last) if last.exists() else None)
-
-
 def write_atomic(path: Path, text: str) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.name + ".tmp")
@@ -210,18 +162,50 @@ def build_trainer(cfg: DictConfig, run_dir: Path, extra_callbacks: list) -> L.Tr
             save_top_k=0,
             every_n_train_steps=int(cfg.run.checkpoint_every_n_steps),
             save_on_train_epoch_end=False,
+            enable_version_counter=False,  # one last.ckpt, whatever wrote the previous one
         ),
         CheckpointOnException(ckpt_dir / "last.ckpt"),
         EmbedConfig(OmegaConf.to_container(cfg, resolve=True)),
     ]
-    return L.Trainer(
-        **kwargs,
-        logger=logger,
-        callbacks=progress + extra_callbacks + checkpointing,
-        enable_progress_bar=False,  # Lightning's bar: replaced by ProgressLine
-        plugins=[AtomicCheckpointIO()],
-        default_root_dir=str(run_dir),
-    )
+    first = [FinishRun(ckpt_dir / "last.ckpt"), StopOnDivergence()]  # before the end-of-training work
+    try:
+        return L.Trainer(
+            **kwargs,
+            logger=logger,
+            callbacks=first + progress + extra_callbacks + checkpointing,
+            enable_progress_bar=False,  # Lightning's bar: replaced by ProgressLine
+            plugins=[AtomicCheckpointIO()],
+            default_root_dir=str(run_dir),
+        )
+    except (ValueError, TypeError) as e:  # Lightning's MisconfigurationException is a ValueError
+        raise ConfigError(f"trainer: {' '.join(str(e).split())}") from e
+
+
+def complete_final_outputs(trainer: L.Trainer, module: L.LightningModule) -> None:
+    """A rerun of a finished run: write the end-of-training outputs that are missing (if any).
+
+    Lightning skips the training loop, and with it ``on_train_end``, when a run resumes at
+    ``max_steps``; a run killed during its final evaluation would never get it. Callbacks that write
+    outputs at the end say which are missing (``missing_final_outputs``); only those are rerun.
+    """
+    finisher = next((c for c in trainer.callbacks if isinstance(c, FinishRun)), None)
+    if finisher is None or finisher.trained or trainer.global_step < int(trainer.max_steps):
+        return
+    cbs = [c for c in trainer.callbacks if callable(getattr(c, "missing_final_outputs", None))]
+    missing = trainer.strategy.broadcast([c.missing_final_outputs(trainer) for c in cbs])  # rank 0 decides
+    names = sorted({m for ms in missing for m in ms})
+    if not names:
+        if trainer.is_global_zero:
+            print(
+                f"the run finished at step {trainer.global_step}; its end-of-training outputs are all there"
+            )
+        return
+    if trainer.is_global_zero:
+        print(f"the run finished at step {trainer.global_step} without {', '.join(names)}: writing them")
+    module.to(trainer.strategy.root_device)
+    for cb, ms in zip(cbs, missing):
+        if ms:
+            cb.on_train_end(trainer, module)
 
 
 def resolve_data(
@@ -288,6 +272,7 @@ def run(cfg: DictConfig, callbacks: list | None = None, data_note: str = "") -> 
     missing = sorted(OmegaConf.missing_keys(cfg))
     if missing:
         raise ConfigError(f"missing required config values: {', '.join(missing)} (give them as key=value)")
+    check_config(cfg)
     cfg, run_dir, ckpt_path = prepare_run_dir(cfg)
     L.seed_everything(int(cfg.run.seed), workers=True, verbose=False)
     torch.set_float32_matmul_precision("high")
@@ -300,7 +285,8 @@ def run(cfg: DictConfig, callbacks: list | None = None, data_note: str = "") -> 
     trainer = build_trainer(cfg, run_dir, cbs + list(callbacks or []))
     if trainer.is_global_zero:
         write_atomic(run_dir / "config.yaml", OmegaConf.to_yaml(cfg, resolve=True))
-    trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path)
+    trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path, weights_only=True)
+    complete_final_outputs(trainer, module)
     if trainer.is_global_zero:
         print("\n".join(outputs_summary(run_dir)), flush=True)
     return {"run_dir": run_dir, "trainer": trainer, "module": module, "datamodule": datamodule}

@@ -4,14 +4,21 @@ Lives in the core (no Lightning import) so that both the runner and the method m
 Relay's stage 2 loads its stage-1 run with ``load_run`` without importing ``experiments``.
 
 - ``CONFIG_KEY``: where ``callbacks.checkpoint.EmbedConfig`` puts the resolved config in a checkpoint.
-- ``find_checkpoint(path)``: a run folder (``<run>/checkpoints/last.ckpt``) or a ``.ckpt`` file.
+- ``find_checkpoint(path)``: a run folder (``<run>/checkpoints/last.ckpt``) or a ``.ckpt`` file;
+  ``run_folder(path)`` the run folder of either (where ``sample`` / ``eval`` write their outputs).
 - ``read_checkpoint(path)``: ``torch.load(weights_only=True)``: tensors and plain containers only, no
   code runs while loading; a foreign, truncated or unsafe file raises ``CheckpointError`` naming it.
 - ``load_run(path)``: rebuilds the module from the embedded config and loads its weights (EMA too).
+  The embedded config is data from a file, not code the user wrote: every ``_target_`` in it must lie
+  in one of the project's own packages (``TRUSTED_PACKAGES``), or in a package the user trusts
+  explicitly (``trusted=`` or ``FREQDIFF_TRUSTED_PACKAGES=mypkg,other``); anything else is refused
+  before anything is imported. (A YAML experiment the user runs is code: it may name any target.)
 """
 
 from __future__ import annotations
 
+import os
+from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
@@ -21,6 +28,9 @@ from omegaconf import DictConfig, OmegaConf
 from freqdiff.config import instantiate
 
 CONFIG_KEY = "freqdiff_config"
+# packages whose classes an embedded checkpoint config may name (the project's own)
+TRUSTED_PACKAGES = ("freqdiff", "lightning_modules", "datamodules", "callbacks", "experiments")
+TRUSTED_ENV = "FREQDIFF_TRUSTED_PACKAGES"  # comma-separated extra packages, e.g. "mylab.models"
 
 
 class CheckpointError(ValueError):
@@ -36,6 +46,14 @@ def find_checkpoint(path: str | Path) -> Path:
             f"no checkpoint at {p} (expected a run folder with checkpoints/last.ckpt or a .ckpt)"
         )
     return p
+
+
+def run_folder(path: str | Path) -> Path:
+    """The run folder of a run folder or checkpoint (``<run>/checkpoints/x.ckpt`` -> ``<run>``)."""
+    p = Path(path)
+    if p.is_dir():
+        return p
+    return p.parent.parent if p.parent.name == "checkpoints" else p.parent
 
 
 def read_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") -> dict[str, Any]:
@@ -58,10 +76,49 @@ def read_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") 
     return ckpt
 
 
-def load_run(path: str | Path, map_location: str | torch.device = "cpu") -> tuple[Any, DictConfig]:
-    """Rebuild a trained module from a run folder or checkpoint; returns (module in eval mode, config)."""
+def trusted_packages(extra: Iterable[str] = ()) -> tuple[str, ...]:
+    """``TRUSTED_PACKAGES`` plus ``extra`` plus those in ``$FREQDIFF_TRUSTED_PACKAGES``."""
+    env = [p.strip() for p in os.environ.get(TRUSTED_ENV, "").split(",") if p.strip()]
+    return (*TRUSTED_PACKAGES, *extra, *env)
+
+
+def untrusted_targets(node: Any, trusted: Iterable[str], path: str = "") -> list[str]:
+    """``path: target`` of every ``_target_`` in a plain config tree outside the ``trusted`` packages."""
+    trusted = tuple(trusted)
+    bad: list[str] = []
+    if isinstance(node, dict):
+        target = node.get("_target_")
+        if target is not None:
+            t = str(target)
+            if not any(t == p or t.startswith(p + ".") for p in trusted):
+                bad.append(f"{path or '<root>'}: {t}")
+        for k, v in node.items():
+            bad += untrusted_targets(v, trusted, f"{path}.{k}" if path else str(k))
+    elif isinstance(node, list):
+        for i, v in enumerate(node):
+            bad += untrusted_targets(v, trusted, f"{path}[{i}]")
+    return bad
+
+
+def load_run(
+    path: str | Path, map_location: str | torch.device = "cpu", trusted: Iterable[str] = ()
+) -> tuple[Any, DictConfig]:
+    """Rebuild a trained module from a run folder or checkpoint; returns (module in eval mode, config).
+
+    ``trusted``: packages beyond the project's own whose classes the embedded config may name.
+    """
     ckpt = read_checkpoint(path, map_location)
-    cfg = OmegaConf.create(ckpt[CONFIG_KEY])
+    embedded = ckpt[CONFIG_KEY]
+    if not isinstance(embedded, dict) or not isinstance(embedded.get("module"), dict):
+        raise CheckpointError(f"{find_checkpoint(path)}: the embedded config has no 'module' section")
+    bad = untrusted_targets(embedded, trusted_packages(trusted))
+    if bad:
+        raise CheckpointError(
+            f"{find_checkpoint(path)}: the embedded config names classes outside the trusted packages "
+            f"({', '.join(bad)}); refusing to build them. If you trust this checkpoint, add the package "
+            f"with {TRUSTED_ENV}=<package> (trusted now: {', '.join(trusted_packages(trusted))})"
+        )
+    cfg = OmegaConf.create(embedded)
     module = instantiate(cfg.module, "module")
     try:
         module.load_state_dict(ckpt["state_dict"])

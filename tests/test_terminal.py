@@ -105,7 +105,7 @@ def test_short_run_terminal(tmp_path, monkeypatch, capfd):
     with quiet_libraries():
         cfg, source = resolve_data(load("quickstart", over), "quickstart", over)
         out = run(cfg, data_note=source)
-    assert isinstance(out["trainer"].callbacks[0], ProgressLine)
+    assert sum(isinstance(c, ProgressLine) for c in out["trainer"].callbacks) == 1
     text, err = capfd.readouterr()
     run_dir = out["run_dir"]
     assert f"run folder  {run_dir}  (new run)" in text
