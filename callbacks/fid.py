@@ -235,7 +235,9 @@ class Evaluate(L.Callback):
     def sampler_name(self, pl_module) -> str:
         steps = self.steps if self.steps is not None else getattr(pl_module, "sample_steps", None)
         eta = self.eta if self.eta is not None else getattr(pl_module, "sample_eta", None)
-        return f"{type(pl_module).__name__}.sample(steps={steps}, eta={eta})"
+        which = getattr(pl_module, "sampler", None)  # a module with several samplers names the one in use
+        extra = f", sampler={which}" if isinstance(which, str) else ""
+        return f"{type(pl_module).__name__}.sample(steps={steps}, eta={eta}{extra})"
 
     def _log(self, trainer, record: dict[str, Any], final: bool) -> None:
         scalars = {f"eval/{k}": float(v) for k, v in record["metrics"].items()}

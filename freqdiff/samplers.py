@@ -2,8 +2,9 @@
 
 ``sample_ancestral`` is the generic loop; its step math lives in ``process.step`` (DDPM ancestral
 for eta = 1, DDIM for eta = 0, Song et al. 2021), so it serves every process. Samplers that call the
-denoiser more than once per step (EDM Heun, Relay's corrected step) join this file as their own
-functions. Seeds are per sample: a sample does not depend on batch size or world size.
+denoiser more than once per step (EDM Heun, Relay's corrected step), or step by another rule
+(``sample_predictor``: the reverse-diffusion predictor of blur diffusion), join this file as their
+own functions. Seeds are per sample: a sample does not depend on batch size or world size.
 
 ``callback(d)`` is called after every step with ``d = {i, x, x0_hat, t, s}`` (x is the new state).
 """
@@ -70,6 +71,39 @@ def sample_ancestral(
         if clip_x0:
             x0_hat = process.clip_x0(x0_hat)
         x = process.step(x, x0_hat, t_b, s_b, eta, noise)
+        if callback is not None:
+            callback({"i": i, "x": x, "x0_hat": x0_hat, "t": t, "s": s})
+    return x
+
+
+@torch.no_grad()
+def sample_predictor(
+    process: Process,  # needs T and predictor_step (e.g. BlurProcess)
+    denoiser: Callable[..., Tensor],
+    seeds: Sequence[int] | Tensor | NoiseSource,
+    shape: Sequence[int],  # data shape of one sample, (C, H, W)
+    steps: int | None = None,  # None: T − 1, every step of the discrete chain (the paper)
+    quiet_steps: int = 2,  # the last steps add no noise (the official sampler: noise only while i > 2)
+    x: Tensor | None = None,
+    labels: Tensor | None = None,
+    callback: Callable[[dict], None] | None = None,
+    device: torch.device | str = "cpu",
+) -> Tensor:
+    """Reverse-diffusion predictor (Song et al. 2021) from t = (T − 1)/T to 0 through
+    ``process.predictor_step`` with ε̂ = ``process.eps_from_x0(x, x0_hat, t)``; T − 1 denoiser calls
+    by default, as in the blur-diffusion paper. Returns the final state, [B, *shape]."""
+    noise = seeds if isinstance(seeds, NoiseSource) else NoiseSource.from_seeds(seeds, device)
+    batch, T = len(noise), int(process.T)
+    steps = T - 1 if steps is None else int(steps)
+    if x is None:
+        x = process.prior((batch, *shape), noise)
+    grid = time_grid(steps, t_start=(T - 1) / T)
+    for i, (t, s) in enumerate(zip(grid[:-1], grid[1:])):
+        t_b = torch.full((batch,), t, device=device)
+        s_b = torch.full((batch,), s, device=device)
+        x0_hat = denoiser(x, t_b, labels)
+        eps_hat = process.eps_from_x0(x, x0_hat, t_b)
+        x = process.predictor_step(x, eps_hat, t_b, s_b, noise if steps - i > quiet_steps else None)
         if callback is not None:
             callback({"i": i, "x": x, "x0_hat": x0_hat, "t": t, "s": s})
     return x

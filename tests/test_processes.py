@@ -17,6 +17,7 @@ import pytest
 import torch
 
 from freqdiff.processes.base import NoiseSource, Process
+from freqdiff.processes.blur import BlurProcess
 from freqdiff.processes.edm import EDMProcess
 from freqdiff.processes.gaussian import GaussianProcess, cosine_alpha_bar, linear_alpha_bar
 from freqdiff.processes.linear import ExactDenoiser, materialise
@@ -33,11 +34,20 @@ class Entry:
     residual: float | None  # bound on max |A_1 x0| / prior_std over x0 in [-1, 1]^D; None: no prior
     moments: Callable | None = None  # analytic (mean, per-pixel var) of q(x_t | x0), if known
     heun: bool = True  # check sample_heun (white noise, and a σ̃ = sigma/a range its grid can step through)
+    roundtrip_t: float = 1.0  # largest t of the eps <-> x0 round trip (blur: x0 is below fp32 beyond)
 
 
 def _white_moments(p, x0, t):
     a, sigma = (append_dims(v, x0.ndim) for v in p.scalings(t))
     return a * x0, (sigma**2).expand_as(x0)
+
+
+def _blur_moments(p, x0, t):
+    """METHODS.md §2: mean U Ā^{1/2} Uᵀ x0, per-pixel variance Σ_kl U_hk² U_wl² (1 − Ā_kl)."""
+    sa, s1 = p.factors(t)
+    U2 = p.U**2
+    var = (U2 @ (s1[0, 0] ** 2) @ U2.T).float()
+    return p.from_coef(sa.float() * p.to_coef(x0)), var.expand_as(x0[0])
 
 
 PROCESSES = {
@@ -57,6 +67,24 @@ PROCESSES = {
         False,
     ),
     "edm-ve": Entry(lambda: EDMProcess(resolution=4), (1, 4, 4), 0.02, _white_moments),
+    # blur diffusion, strong enough to matter at 4² and 2²: the highest frequency keeps ~8 % of its signal
+    # (relative to the lowest) at t = 0.5
+    "blur-gaussian": Entry(
+        lambda: BlurProcess(resolution=4, sigma_max=0.1, blur_schedule="linear"),
+        (1, 4, 4),
+        0.01,
+        _blur_moments,
+        heun=False,
+        roundtrip_t=0.8,
+    ),
+    "blur-dct-rgb": Entry(
+        lambda: BlurProcess(resolution=2, basis="dct", sigma_max=0.16, blur_schedule="quadratic"),
+        (3, 2, 2),
+        0.01,
+        _blur_moments,
+        heun=False,
+        roundtrip_t=0.6,
+    ),
 }
 TIMES = [0.02, 0.3, 0.7, 1.0]
 
@@ -140,11 +168,13 @@ def test_step_with_true_x0_maps_marginal_to_marginal(entry, t, s, eta):
 def test_eps_x0_conversions_round_trip(entry):
     e, p = entry
     x0 = torch.rand(8, *e.shape) * 2 - 1
-    t = torch.linspace(0.05, 1.0, 8)
+    t = torch.linspace(0.05, e.roundtrip_t, 8)
     x_t, eps = p.marginal(x0, t, _noise(7))
     ref = p.x0_at(x0, t)
     scale = float(p.scalings(t)[1].max())
-    torch.testing.assert_close(p.x0_from_eps(x_t, eps, t), ref, atol=2e-3, rtol=1e-3)
+    torch.testing.assert_close(
+        p.x0_from_eps(x_t, eps, t).float(), ref, atol=2e-3, rtol=1e-3
+    )  # any float dtype
     torch.testing.assert_close(p.eps_from_x0(x_t, ref, t), eps, atol=1e-4 * max(scale, 1), rtol=1e-3)
 
 
