@@ -81,7 +81,7 @@ class CheckpointOnException(L.Callback):
         if not all(torch.isfinite(p).all() for p in pl_module.parameters()):
             print(f"not checkpointing after {type(exception).__name__}: the weights are not finite")
             return
-        trainer.save_checkpoint(self.path)
+        trainer.save_checkpoint(self.path, weights_only=False)  # the full state: it must resume
         print(f"{type(exception).__name__} at step {trainer.global_step}: saved {self.path}")
 
 
@@ -133,6 +133,6 @@ class FinishRun(L.Callback):
     def on_train_end(self, trainer, pl_module) -> None:
         if any(c._last_global_step_saved == trainer.global_step for c in trainer.checkpoint_callbacks):
             return  # the periodic checkpoint is at this step already
-        trainer.save_checkpoint(self.path)
+        trainer.save_checkpoint(self.path, weights_only=False)  # the full state: it must resume
         for c in trainer.checkpoint_callbacks:
             c._last_global_step_saved = trainer.global_step
