@@ -38,6 +38,16 @@ def time_grid(steps: int, t_start: float = 1.0, timesteps: Sequence[float] | Non
     return [t_start * (1 - i / steps) for i in range(steps + 1)]
 
 
+def _start(
+    process: Process, seeds, shape: Sequence[int], x: Tensor | None, device
+) -> tuple[NoiseSource, int, Tensor]:
+    """(the seeds' noise source, batch size, start state: ``x``, else a draw of the prior)."""
+    noise = seeds if isinstance(seeds, NoiseSource) else NoiseSource.from_seeds(seeds, device)
+    if x is None:
+        x = process.prior((len(noise), *shape), noise)
+    return noise, len(noise), x
+
+
 @torch.no_grad()
 def sample_ancestral(
     process: Process,
@@ -55,10 +65,7 @@ def sample_ancestral(
     device: torch.device | str = "cpu",
 ) -> Tensor:
     """Draw one sample per seed; returns the final state at t = 0, [B, *shape]."""
-    noise = seeds if isinstance(seeds, NoiseSource) else NoiseSource.from_seeds(seeds, device)
-    batch = len(noise)
-    if x is None:
-        x = process.prior((batch, *shape), noise)
+    noise, batch, x = _start(process, seeds, shape, x, device)
     grid = time_grid(steps, t_start, timesteps)
     for i, (t, s) in enumerate(zip(grid[:-1], grid[1:])):
         t_b = torch.full((batch,), t, device=device)
@@ -92,11 +99,9 @@ def sample_predictor(
     """Reverse-diffusion predictor (Song et al. 2021) from t = (T − 1)/T to 0 through
     ``process.predictor_step`` with ε̂ = ``process.eps_from_x0(x, x0_hat, t)``; T − 1 denoiser calls
     by default, as in the blur-diffusion paper. Returns the final state, [B, *shape]."""
-    noise = seeds if isinstance(seeds, NoiseSource) else NoiseSource.from_seeds(seeds, device)
-    batch, T = len(noise), int(process.T)
+    noise, batch, x = _start(process, seeds, shape, x, device)
+    T = int(process.T)
     steps = T - 1 if steps is None else int(steps)
-    if x is None:
-        x = process.prior((batch, *shape), noise)
     grid = time_grid(steps, t_start=(T - 1) / T)
     for i, (t, s) in enumerate(zip(grid[:-1], grid[1:])):
         t_b = torch.full((batch,), t, device=device)
@@ -155,8 +160,7 @@ def sample_heun(
         raise ValueError(f"steps must be >= 1, got {steps}")
     if not 0 < t_start <= 1:
         raise ValueError(f"t_start must be in (0, 1], got {t_start}")
-    noise = seeds if isinstance(seeds, NoiseSource) else NoiseSource.from_seeds(seeds, device)
-    batch = len(noise)
+    noise, batch, x = _start(process, seeds, shape, x, device)
     f64 = torch.float64
     view = lambda v: v.view(-1, *([1] * len(shape)))  # [B] -> [B, 1, 1, 1]
 
@@ -176,8 +180,6 @@ def sample_heun(
         ts.append(0.0)
     gamma = min(S_churn / steps, 2**0.5 - 1)  # γ (EDM Algorithm 2, line 5)
 
-    if x is None:
-        x = process.prior((batch, *shape), noise)
     t_b, a, sig = grid[0]
     x_tilde = x.to(f64) / view(a)  # x̃ = x / a
     for i in range(len(grid) - 1):
