@@ -26,6 +26,12 @@ images' -2 and the edge regime's -3; ``r_min=0.01, n_discs=300`` gives about -2 
 Image ``i`` of a split depends only on ``(seed, split, i)`` (numpy ``SeedSequence``);
 train and val are disjoint seed streams.
 
+Several resolutions per sample (``box_resolutions``, e.g. ``[8]`` beside ``resolution=32``): each is
+the p×p box average (p = resolution / r) of the stored uint8 image at ``resolution``, rounded to uint8
+once (:func:`box_downsample`), not a separate rendering. A two-stage model whose hand-off assumes the
+low-resolution image is the box average of the high-resolution one (Relay Diffusion) then trains both
+stages from one shard set, and ``avg_pool2d(x_32, 4)`` matches ``x_8`` to within half a grey level.
+
 Where the shards go (:func:`placement`): only into a missing or empty folder, over an earlier
 dead-leaves set (its manifest's ``params.generator``), or over the remnants of an interrupted
 generation (only ``train/`` and ``val/`` holding only shards, manifests and the writer's temporary
@@ -36,6 +42,7 @@ never writes into a folder of the user's own files.
 from __future__ import annotations
 
 import json
+import numbers
 import os
 from pathlib import Path
 from typing import Any
@@ -78,6 +85,7 @@ class DeadLeaves:
         margin: float = 0.1,  # disc centres uniform in [-margin, 1 + margin]^2
         channels: int = 3,  # 3: RGB colours, 1: grey levels
         shard_size: int = 2000,  # samples per tar shard
+        box_resolutions: list[int] | None = None,  # extra sides, exact p×p box averages (Relay stage 1)
     ):
         if resolution < 2:
             raise ValueError(f"resolution must be >= 2, got {resolution}")
@@ -95,12 +103,23 @@ class DeadLeaves:
         self.margin = float(margin)
         self.channels = int(channels)
         self.shard_size = int(shard_size)
+        if isinstance(box_resolutions, (numbers.Number, str)):
+            raise ValueError(f"box_resolutions={box_resolutions!r}: expected a list of sides (or null)")
+        box = list(box_resolutions or [])
+        for r in box:
+            integral = isinstance(r, numbers.Integral) and not isinstance(r, bool)
+            if not (integral and 0 < r < self.resolution and self.resolution % r == 0):
+                raise ValueError(
+                    f"box_resolutions={box!r}: {r!r} is not allowed; each must be a positive integer that "
+                    f"divides resolution={self.resolution} and is smaller"
+                )
+        self.box_resolutions = sorted({int(r) for r in box}, reverse=True)  # largest first
 
     # ---------------------------------------------------------------- generation
     def params(self, split: str) -> dict[str, Any]:
         """Everything that determines the split's shards (stored in, and compared with, its manifest)."""
         _check_split(split)
-        return {
+        p: dict[str, Any] = {
             "generator": "dead-leaves",
             "version": GENERATOR_VERSION,
             "split": split,
@@ -115,6 +134,14 @@ class DeadLeaves:
             "channels": self.channels,
             "shard_size": self.shard_size,
         }
+        if self.box_resolutions:  # only when set: sets written without it keep their params (not regenerated)
+            p["box_resolutions"] = list(self.box_resolutions)
+        return p
+
+    @property
+    def resolutions(self) -> list[int]:
+        """Every side written per sample, largest (``resolution``, the primary one) first."""
+        return [self.resolution, *self.box_resolutions]
 
     def scene(self, split: str, index: int) -> dict[str, np.ndarray]:
         """The random scene of one image: background [C], centres [n, 2], radii [n], colours [n, C]."""
@@ -132,7 +159,7 @@ class DeadLeaves:
         return {"background": background, "centres": centres, "radii": radii, "colours": colours}
 
     def images(self, n: int, split: str = "train", start: int = 0) -> np.ndarray:
-        """Images ``start .. start + n - 1`` of a split: uint8 ``[n, H, W, C]``."""
+        """Images ``start .. start + n - 1`` of a split at ``resolution``: uint8 ``[n, H, W, C]``."""
         _check_split(split)
         out = np.empty((n, self.resolution, self.resolution, self.channels), np.uint8)
         for a in range(0, n, _CHUNK):
@@ -140,6 +167,19 @@ class DeadLeaves:
             scenes = [self.scene(split, start + i) for i in range(a, b)]
             out[a:b] = render(scenes, self.resolution)
         return out
+
+    def images_at(self, n: int, resolution: int, split: str = "train", start: int = 0) -> np.ndarray:
+        """Images ``start .. start + n - 1`` at ``resolution``: the primary one or a ``box_resolutions`` one.
+
+        uint8 ``[n, r, r, C]``: exactly what the shards store for those samples at that resolution.
+        """
+        if resolution not in self.resolutions:
+            raise ValueError(f"resolution={resolution!r}: not written; it writes {self.resolutions}")
+        return self._at_all(self.images(n, split, start))[resolution]
+
+    def _at_all(self, imgs: np.ndarray) -> dict[int, np.ndarray]:
+        """Primary-resolution images -> {side: images} for every side written, largest first."""
+        return {r: box_downsample(imgs, self.resolution // r) for r in self.resolutions}
 
     # ---------------------------------------------------------------- shards
     def write(self, folder: str | os.PathLike, progress: bool = True) -> dict[str, Path]:
@@ -188,21 +228,24 @@ class DeadLeaves:
                 p.unlink()
         sub.mkdir(parents=True, exist_ok=True)
         n, res = self.n[split], self.resolution
-        bar = tqdm(total=n, desc=f"dead leaves {split} {res}x{res}", unit="img", disable=not progress)
+        extra = "".join(f"+{r}" for r in self.box_resolutions)
+        bar = tqdm(total=n, desc=f"dead leaves {split} {res}x{res}{extra}", unit="img", disable=not progress)
         with ShardWriter(sub, shard_size=self.shard_size) as w:
             for a in range(0, n, _CHUNK):
-                imgs = self.images(min(_CHUNK, n - a), split, start=a)  # [B, H, W, C]
-                for j, img in enumerate(imgs):
-                    w.write(sample_dict(a + j, {res: img}))
-                bar.update(len(imgs))
+                at = self._at_all(self.images(min(_CHUNK, n - a), split, start=a))  # side -> [B, r, r, C]
+                for j in range(len(at[res])):
+                    w.write(sample_dict(a + j, {r: imgs[j] for r, imgs in at.items()}))
+                bar.update(len(at[res]))
         bar.close()
+        how = ["analytic pixel coverage (1-pixel edge ramp)"]
+        how += [f"{r}: exact {res // r}x{res // r} box average of {res}" for r in self.box_resolutions]
         manifest = make_manifest(
             count=w.count,
-            resolutions=[res],
+            resolutions=self.resolutions,
             channels=self.channels,
             shards=w.shards,
             labels=None,
-            filter="analytic pixel coverage (1-pixel edge ramp)",
+            filter="; ".join(how),
             source=f"synthetic:dead-leaves seed={self.seed} split={split}",
             params=self.params(split),
         )
@@ -233,6 +276,23 @@ def render(scenes: list[dict[str, np.ndarray]], resolution: int) -> np.ndarray:
         np.clip(cover, 0.0, 1.0, out=cover)
         img += cover[..., None] * (col[:, k, None, None, :] - img)  # "over" compositing
     return np.clip(np.rint(img * 255.0), 0, 255).astype(np.uint8)
+
+
+def box_downsample(img: np.ndarray, factor: int) -> np.ndarray:
+    """Box average: uint8 ``[B, H, W, C]`` -> uint8 ``[B, H/f, W/f, C]``, each pixel a f×f block's mean.
+
+    The mean is taken in float64 (exact: integer sums), then rounded once (``np.rint``, half to even)
+    and clipped to 0..255. ``factor=1`` returns a copy. H and W must be multiples of ``factor``.
+    """
+    f = int(factor)
+    b, h, w, c = img.shape
+    if f < 1 or h % f or w % f:
+        raise ValueError(f"factor={factor!r}: must be a positive integer dividing the image size {h}x{w}")
+    if f == 1:
+        return np.array(img, dtype=np.uint8)
+    blocks = img.reshape(b, h // f, f, w // f, f, c)
+    mean = blocks.mean(axis=(2, 4), dtype=np.float64)
+    return np.clip(np.rint(mean), 0, 255).astype(np.uint8)
 
 
 def _check_split(split: str) -> None:
