@@ -52,12 +52,14 @@ class SampleGrid(L.Callback):
         step = trainer.global_step
         if not self.every_n_steps or step % self.every_n_steps or not trainer.is_global_zero:
             return
+        if skip_sampling(pl_module, "SampleGrid"):
+            return
         grid = make_grid(self._sample(trainer, pl_module), upscale=self.upscale)
         self._log_grid(trainer, "samples", grid)
         save_png(grid, Path(trainer.default_root_dir) / "samples" / f"step_{step:07d}.png")
 
     def on_train_end(self, trainer, pl_module) -> None:
-        if not self.final or not trainer.is_global_zero:
+        if not self.final or not trainer.is_global_zero or skip_sampling(pl_module, "SampleGrid"):
             return
         t0 = time.perf_counter()
         x = self._sample(trainer, pl_module)
@@ -77,3 +79,17 @@ class SampleGrid(L.Callback):
         """End-of-training outputs not written (``experiments.runner``)."""
         done = (Path(trainer.default_root_dir) / "samples_vs_real.png").is_file()
         return ["samples_vs_real.png"] if self.final and not done else []
+
+
+_told: set = set()
+
+
+def skip_sampling(pl_module, who: str) -> bool:
+    """True (with a one-time note) when the module cannot sample yet: its ``sampling_unavailable()``
+    gives the reason (Relay's stage 2 before stage 1 has a checkpoint). Training goes on."""
+    check = getattr(pl_module, "sampling_unavailable", None)
+    reason = check() if callable(check) else None
+    if reason and (who, reason) not in _told:
+        _told.add((who, reason))
+        print(f"{who}: no samples yet ({reason})", flush=True)
+    return bool(reason)

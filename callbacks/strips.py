@@ -21,6 +21,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from callbacks.samples import skip_sampling
 from freqdiff.analysis.images import make_grid, save_png
 from freqdiff.config import check_args
 
@@ -80,6 +81,8 @@ class X0Strip(L.Callback):
         return make_grid(x, nrow=x.shape[0] // len(self.seeds), upscale=self.upscale)
 
     def _write(self, trainer, pl_module) -> None:
+        if skip_sampling(pl_module, "X0Strip"):
+            return
         step = trainer.global_step
         self._last = step
         grid = self.strip(trainer, pl_module)

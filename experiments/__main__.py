@@ -1,6 +1,7 @@
 """Command line: ``python -m experiments run EXP [key=value ...]`` (what ``make exp`` calls),
-``python -m experiments resume RUN [key=value ...]`` (``make exp RUN=...``: resume a run folder from
-its saved config; only resumable keys such as ``trainer.max_steps`` may be given),
+``python -m experiments run PIPELINE [key=value ...]`` runs a multi-stage experiment part by part
+(experiments/pipeline.py), ``python -m experiments resume RUN [key=value ...]`` (``make exp RUN=...``:
+resume a run folder from its saved config; only resumable keys such as ``trainer.max_steps`` may be given),
 ``python -m experiments sample RUN [--n N ...]`` (``make sample``) and
 ``python -m experiments eval RUN [--n N] [--ref REF ...]`` (``make eval``; see experiments/evaluate.py).
 
@@ -53,6 +54,12 @@ def main(argv: list[str] | None = None) -> int:
                     print(to_yaml(cfg), end="")
                     return 0
                 run(cfg, data_note="as saved in the run's config.yaml")
+            return 0
+        from experiments.pipeline import is_pipeline, run_pipeline
+
+        if is_pipeline(args.exp):  # a multi-stage experiment (experiments/pipeline.py)
+            with quiet_libraries():
+                run_pipeline(args.exp, args.overrides, dry=bool(args.dry or env_flag("DRY")))
             return 0
         cfg = load(args.exp, args.overrides)
         with quiet_libraries():  # library banners and warnings that do not matter here (runner.py)

@@ -75,11 +75,14 @@ def sampler_settings(
         "precision": str(precision or cfg.trainer.get("precision", "32")),
         "sampler": f"{type(module).__name__}.sample",
         "weights": "ema",
+        # what else the samples depend on (Relay: the stage-1 checkpoint's step); part of the cache tag
+        "depends_on": dict(getattr(module, "sampling_depends_on", dict)()),
     }
 
 
 def tag_for(s: dict[str, Any], seed: int) -> str:
-    return f"ema-step{s['step']}-steps{s['steps']}-eta{s['eta']}-seed{seed}-{s['precision']}"
+    extra = "".join(f"-{k}{v}" for k, v in sorted(s.get("depends_on", {}).items()))
+    return f"ema-step{s['step']}{extra}-steps{s['steps']}-eta{s['eta']}-seed{seed}-{s['precision']}"
 
 
 def chunk_ranges(n: int, chunk: int) -> list[tuple[int, int]]:

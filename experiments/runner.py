@@ -151,9 +151,8 @@ def build_trainer(cfg: DictConfig, run_dir: Path, extra_callbacks: list) -> L.Tr
         kwargs["precision"] = auto_precision("cuda" if gpu else "cpu")
     progress = [ProgressLine()] if kwargs.pop("enable_progress_bar", True) else []
     kwargs.setdefault("enable_model_summary", False)  # RunHeader prints the parameter counts
-    logger = TensorBoardLogger(
-        save_dir=str(run_dir.parent.parent), name=str(cfg.experiment), version=str(cfg.run.name)
-    )
+    # events straight into the run folder (an experiment name may have several parts: relay/stage1)
+    logger = TensorBoardLogger(save_dir=str(run_dir.parent), name="", version=str(cfg.run.name))
     ckpt_dir = run_dir / "checkpoints"
     checkpointing = [
         ModelCheckpoint(

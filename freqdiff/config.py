@@ -263,8 +263,10 @@ def apply_overrides(cfg: DictConfig, overrides: list[str]) -> DictConfig:
     return cfg
 
 
-def load(exp: str, overrides: list[str] | None = None) -> DictConfig:
-    """Load an experiment with its ``base:`` files merged underneath, then overrides; struct mode."""
+def load(exp: str, overrides: list[str] | None = None, resolve: bool = True) -> DictConfig:
+    """Load an experiment with its ``base:`` files merged underneath, then overrides; struct mode.
+
+    ``resolve=False`` keeps the interpolations (a multi-stage experiment resolves each stage's own)."""
     path = resolve_path(exp)
     cfg = _read(path)
     bases = cfg.pop("base", None) or []
@@ -282,10 +284,15 @@ def load(exp: str, overrides: list[str] | None = None) -> DictConfig:
         merged.experiment = path.stem
     OmegaConf.set_struct(merged, True)
     cfg = apply_overrides(merged, list(overrides or []))
+    return resolve_config(cfg, path.name) if resolve else cfg
+
+
+def resolve_config(cfg: DictConfig, where: str) -> DictConfig:
+    """Resolve every interpolation in place (ConfigError naming ``where`` for a bad one)."""
     try:
         OmegaConf.resolve(cfg)
     except Exception as e:  # interpolation to a missing key, etc.
-        raise ConfigError(f"{path.name}: {one_line(e)}") from e
+        raise ConfigError(f"{where}: {one_line(e)}") from e
     return cfg
 
 

@@ -114,6 +114,13 @@ def sample_predictor(
     return x
 
 
+def _fresh(noise: NoiseSource, like: Tensor, g: Tensor, sde_scale: float) -> Tensor | float:
+    """g z with a fresh z [B, ...] like ``like`` (float64), or 0 without SDE noise (no draw)."""
+    if not sde_scale:
+        return 0.0
+    return g.view(-1, *([1] * (like.ndim - 1))) * noise(like.shape, dtype=like.dtype).to(like)
+
+
 @torch.no_grad()
 def sample_heun(
     process: Process,
@@ -125,6 +132,7 @@ def sample_heun(
     S_min: float = 0.0,  # churn only for S_min <= σ <= S_max
     S_max: float = float("inf"),
     S_noise: float = 1.0,  # std inflation of the churn noise
+    sde_scale: float = 0.0,  # g = sde_scale σ̃_next of fresh noise per step (Relay's stage-1 sampler: 0.05)
     x: Tensor | None = None,  # start state at t_start in the process's x space (default: the prior)
     t_start: float = 1.0,
     labels: Tensor | None = None,
@@ -143,6 +151,9 @@ def sample_heun(
     x̂ = x̃_i + √(σ̂² − σ̃_i²) S_noise z, d = (x̂ − D(x̂; σ̂)) / σ̂, x̃_{i+1} = x̂ + (σ̃_{i+1} − σ̂) d, and for
     σ̃_{i+1} > 0 the 2nd-order correction with d' = (x̃_{i+1} − D(x̃_{i+1}; σ̃_{i+1})) / σ̃_{i+1}:
     x̃_{i+1} = x̂ + (σ̃_{i+1} − σ̂) (d + d') / 2; the last step, to σ̃ = 0, is Euler.
+    ``sde_scale`` > 0 is Relay Diffusion's stage-1 sampler (THUDM/RelayDiffusion ``edm_sampler``): each
+    step keeps g = sde_scale σ̃_{i+1} of fresh noise, σ̃_{i+1} − σ̂ becoming √(σ̃_{i+1}² − g²) − σ̂ in both
+    the Euler and the corrected step, each of which adds g z with its own z (0: EDM's sampler exactly).
     D(x̃; σ̃) is ``denoiser(a x̃, t, labels)`` at t = t_from_sigma(σ̃) (the grid's own t on grid points).
 
     As in EDM the state is float64 (the denoiser sees float32), and churn noise is drawn on every step
@@ -160,6 +171,8 @@ def sample_heun(
         raise ValueError(f"steps must be >= 1, got {steps}")
     if not 0 < t_start <= 1:
         raise ValueError(f"t_start must be in (0, 1], got {t_start}")
+    if not 0 <= sde_scale < 1:
+        raise ValueError(f"sde_scale={sde_scale!r}: expected a number in [0, 1)")
     noise, batch, x = _start(process, seeds, shape, x, device)
     f64 = torch.float64
     view = lambda v: v.view(-1, *([1] * len(shape)))  # [B] -> [B, 1, 1, 1]
@@ -194,11 +207,108 @@ def sample_heun(
         x_hat = x_tilde + view((sig_hat**2 - sig**2).clamp(min=0).sqrt() * S_noise) * z  # line 6
         x0_hat = D(x_hat, t_hat, a_hat)
         d = (x_hat - x0_hat) / view(sig_hat)  # line 7: dx̃/dσ̃ at σ̂
-        x_tilde = x_hat + view(sig_next - sig_hat) * d  # line 8: Euler step
+        g = sde_scale * sig_next  # Relay's stage-1 SDE noise (0: EDM)
+        h = view(((sig_next**2 - g**2).sqrt() if sde_scale else sig_next) - sig_hat)  # σ̃_next − σ̂ for g = 0
+        x_tilde = x_hat + h * d + _fresh(noise, x_hat, g, sde_scale)  # line 8: Euler step
         if float(sig_next.min()) > 0:  # lines 9-11: 2nd-order correction
             d_prime = (x_tilde - D(x_tilde, t_next, a_next)) / view(sig_next)
-            x_tilde = x_hat + view(sig_next - sig_hat) * (0.5 * d + 0.5 * d_prime)
+            x_tilde = x_hat + h * (0.5 * d + 0.5 * d_prime) + _fresh(noise, x_hat, g, sde_scale)
         if callback is not None:
             x_now = (view(a_next) * x_tilde).float()
             callback({"i": i, "x": x_now, "x0_hat": x0_hat.float(), "t": ts[i], "s": ts[i + 1]})
     return (view(grid[-1][1]) * x_tilde).float()
+
+
+def relay_grid(
+    steps: int = 150,
+    sigma_min: float = 0.008,
+    sigma_max: float = 80.0,
+    rho: float = 7.0,
+    truncation: float = 0.95,
+) -> list[float]:
+    """The Karras grid σ_i = (σ_max^{1/ρ} + i/(N−1)(σ_min^{1/ρ} − σ_max^{1/ρ}))^ρ, i < N, without every
+    σ >= ``truncation`` (Relay's stage-2 grid; CelebA-HQ's 150 steps keep 54, from 0.92191)."""
+    if steps < 2:
+        raise ValueError(f"steps must be >= 2, got {steps}")
+    if not 0 < sigma_min < truncation:
+        raise ValueError(
+            f"need 0 < sigma_min < truncation, got sigma_min={sigma_min}, truncation={truncation}"
+        )
+    i = torch.arange(steps, dtype=torch.float64)
+    lo, hi = sigma_min ** (1 / rho), sigma_max ** (1 / rho)
+    grid = (hi + i / (steps - 1) * (lo - hi)) ** rho
+    return [float(v) for v in grid[grid < truncation]]
+
+
+@torch.no_grad()
+def sample_relay(
+    process: Process,  # RelayProcess: start_from, blur_step, blur_sigma_at, t_from_sigma
+    denoiser: Callable[..., Tensor],  # x0_hat = denoiser(x, t, labels)
+    seeds: Sequence[int] | Tensor | NoiseSource,  # per-sample seeds (or the stage-1 sampler's source)
+    shape: Sequence[int],  # data shape of one sample at stage 2, (C, H, W)
+    x_low: Tensor,  # stage-1 samples [B, C, H/n, W/n] (nearest-upsampled by start_from)
+    steps: int = 150,  # N of the full Karras grid, before truncation
+    sigma_min: float = 0.008,
+    sigma_max: float = 80.0,
+    rho: float = 7.0,
+    truncation_sigma: float = 0.95,  # drop every σ >= this; start at the first σ below it
+    pl: float | None = None,  # the σ -> u map's quantile (None: the training pl)
+    s_noise: float = 0.2,  # fresh-noise fraction of each blurring step
+    corrector: bool = True,  # the Heun-like correction (2 NFE per step; the official sampler)
+    cfg_scale: float = 1.0,  # classifier-free guidance w: w D(x, y) − (w − 1) D(x, ∅)
+    labels: Tensor | None = None,
+    callback: Callable[[dict], None] | None = None,
+    device: torch.device | str = "cpu",
+) -> Tensor:
+    """Relay Diffusion's stage-2 sampler (THUDM/RelayDiffusion ``blur_sampler``; METHODS.md §3).
+
+    ``x = process.start_from(x_low, σ_0)`` at the first σ of ``relay_grid``, then per grid point σ_c with
+    successor σ_n: x0_hat = D(x; σ_c), ``process.blur_step`` from σ_c to σ_n with the blur of
+    ``blur_sigma_at(σ, pl)`` and ``s_noise``; with ``corrector`` the step is recomputed from x_c with the
+    averaged slope d̄ = (d + d')/2 (d = (x_c − x0_hat)/σ_c in the patch-DCT domain, d' the same at the
+    Euler result) and *fresh* noise, i.e. with x0_eff = x_c − σ_c d̄. The last grid point returns D.
+    The denoiser is called at t = t_from_sigma(σ) (the training map: the network sees the exact σ).
+    The state is float64, as in the official sampler. Returns [B, *shape] float32.
+    """
+    noise = seeds if isinstance(seeds, NoiseSource) else NoiseSource.from_seeds(seeds, device)
+    batch = len(noise)
+    grid = relay_grid(steps, sigma_min, sigma_max, rho, truncation_sigma)
+    hi = float(process.sigma(torch.ones(1)))
+    if grid[0] > hi * (1 + 1e-6):
+        raise ValueError(
+            f"truncation_sigma={truncation_sigma}: the grid starts at σ {grid[0]:.4g}, above the "
+            f"largest σ stage 2 was trained on ({hi:.4g})"
+        )
+    f64 = torch.float64
+
+    def D(x: Tensor, sigma: float) -> Tensor:
+        t = process.t_from_sigma(torch.full((batch,), sigma, dtype=f64, device=device)).float()
+        d = denoiser(x.float(), t, labels).to(f64)
+        if cfg_scale != 1.0 and labels is not None:
+            d = cfg_scale * d - (cfg_scale - 1) * denoiser(x.float(), t, None).to(f64)
+        return d
+
+    def full(v: float | Tensor) -> Tensor:
+        return torch.as_tensor(v, dtype=f64, device=device).expand(batch)
+
+    def info(i: int, x: Tensor, x0_hat: Tensor, sc: float, sn: float) -> dict:  # times of the process
+        t, s = (float(process.t_from_sigma(torch.tensor(v, dtype=f64))) if v > 0 else 0.0 for v in (sc, sn))
+        return {"i": i, "x": x.float(), "x0_hat": x0_hat.float(), "t": t, "s": s, "sigma": sc}
+
+    x = process.start_from(x_low.to(device=device, dtype=f64), full(grid[0]), noise).to(f64)
+    for i, sc in enumerate(grid):
+        x0_hat = D(x, sc)
+        if i == len(grid) - 1:
+            if callback is not None:
+                callback(info(i, x0_hat, x0_hat, sc, 0.0))
+            return x0_hat.float()
+        sn = grid[i + 1]
+        b_c, b_n = (process.blur_sigma_at(full(v), pl) for v in (sc, sn))
+        x_next = process.blur_step(x, x0_hat, full(sc), full(sn), b_c, b_n, s_noise, noise)
+        if corrector:
+            x0_eff = 0.5 * (x + x0_hat) - (0.5 * sc / sn) * (x_next - D(x_next, sn))
+            x_next = process.blur_step(x, x0_eff, full(sc), full(sn), b_c, b_n, s_noise, noise)
+        x = x_next
+        if callback is not None:
+            callback(info(i, x, x0_hat, sc, sn))
+    raise AssertionError("unreachable: the grid is never empty")

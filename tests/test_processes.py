@@ -22,6 +22,7 @@ from freqdiff.processes.edm import EDMProcess
 from freqdiff.processes.gaussian import GaussianProcess, cosine_alpha_bar, linear_alpha_bar
 from freqdiff.processes.linear import ExactDenoiser, materialise
 from freqdiff.processes.ops import append_dims
+from freqdiff.processes.relay import RelayProcess
 from freqdiff.samplers import sample_ancestral, sample_heun
 
 N = 20_000  # Monte Carlo samples
@@ -84,6 +85,13 @@ PROCESSES = {
         _blur_moments,
         heun=False,
         roundtrip_t=0.6,
+    ),
+    # Relay's stage 2: 2×2 patches and sliding 2×2 block noise, strong blur; no prior (starts from start_from)
+    "relay": Entry(
+        lambda: RelayProcess(resolution=4, patch=2, sigma_B_max=2.0, pl=0.89, block_scale=0.15),
+        (1, 4, 4),
+        None,
+        heun=False,
     ),
 }
 TIMES = [0.02, 0.3, 0.7, 1.0]
@@ -223,7 +231,15 @@ def test_ancestral_sampler_with_exact_denoiser_reproduces_gaussian_data(entry, e
     D = ExactDenoiser(p, mean, cov)
     noise = NoiseSource(torch.Generator().manual_seed(11), batch_size=6000)
     steps = 1000 if eta else 250  # the stochastic sampler converges more slowly in the step count
-    x = sample_ancestral(p, D, noise, e.shape, steps=steps, eta=eta)
+    start = None
+    if p.prior_std is None:  # no prior (Relay): start from the true marginal at t = 1 of data draws
+        L = torch.linalg.cholesky(cov.double()).float()
+        x0 = (
+            mean.reshape(1, -1)
+            + torch.randn(6000, L.shape[0], generator=torch.Generator().manual_seed(13)) @ L.T
+        )
+        start, _ = p.marginal(x0.reshape(6000, *e.shape), torch.ones(6000), _noise(14))
+    x = sample_ancestral(p, D, noise, e.shape, steps=steps, eta=eta, x=start)
     assert x.shape == (6000, *e.shape)
     _check_sampler_moments(x, mean, cov)
 

@@ -12,7 +12,8 @@ stages, and Scale Space Diffusion's Flexi-UNet, which reuses these parts level b
   per head, zero-initialised output projection; ADM's middle block always has one.
 - Conditioning: sinusoidal embedding of the float ``c_noise`` as given (EDM's PositionalEmbedding,
   max_positions 10000: the same code serves ``1000 t`` and ``ln(sigma)/4``), an MLP, plus an optional
-  class embedding (``labels=None`` means "no label": the unconditional branch for guidance).
+  class embedding (``labels=None`` means "no label": the unconditional branch for guidance; a label
+  ``NULL_LABEL`` = −1 is the same per sample, which is how label dropout trains that branch).
 - The output conv is zero-initialised, so a fresh net outputs exactly 0.
 
 Layout (what ``FlexiUNet`` builds on): ``conv_in`` -> ``encode`` over ``enc[level]`` -> ``middle`` ->
@@ -29,6 +30,8 @@ from numbers import Integral
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+
+NULL_LABEL = -1  # the class label of the unconditional branch (classifier-free guidance)
 
 
 def group_norm(channels: int, max_groups: int = 32, min_channels_per_group: int = 4) -> nn.GroupNorm:
@@ -261,7 +264,13 @@ class UNet(nn.Module):
         if labels is not None:
             if self.label_emb is None:
                 raise ValueError("labels were given to a UNet built with num_classes=0")
-            emb = emb + self.label_emb(labels)
+            labels = labels.long()
+            keep = labels != NULL_LABEL  # the null label adds no class embedding
+            if bool(((labels < 0) & keep).any()) or bool((labels >= self.label_emb.num_embeddings).any()):
+                raise ValueError(
+                    f"labels must be in [0, {self.label_emb.num_embeddings}) or {NULL_LABEL} (the null label)"
+                )
+            emb = emb + self.label_emb(labels.clamp(min=0)) * keep[:, None].to(emb.dtype)
         return F.silu(emb)
 
     def encode(
