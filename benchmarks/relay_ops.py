@@ -31,11 +31,11 @@ from freqdiff.processes.relay import RelayProcess
 from freqdiff.samplers import relay_grid
 
 TARGET = 0.02  # marginal at most 2 % of a training step
-STAGE1_STEPS = 120  # Heun grid points of the published stage-1 samplers at 64² (both data sets)
-# name: (stage-2 relay_grid keywords, stage-2 cfg_scale); stage 1 runs unguided (EDMModule has no CFG)
+# name: (stage-1 Heun grid points at 64², stage-2 relay_grid keywords, stage-2 cfg_scale); stage 1 runs
+# unguided. Stage 1: generate_celebahq.py --num_steps_first 120, generate_imagenet.py 256 (with churn).
 PUBLISHED = {
-    "CelebA-HQ": (dict(steps=150, sigma_min=0.008, sigma_max=80.0, rho=7.0, truncation=0.95), 1.0),
-    "ImageNet": (dict(steps=200, sigma_min=0.008, sigma_max=80.0, rho=100.0, truncation=0.9), 3.5),
+    "CelebA-HQ": (120, dict(steps=150, sigma_min=0.008, sigma_max=80.0, rho=7.0, truncation=0.95), 1.0),
+    "ImageNet": (256, dict(steps=200, sigma_min=0.008, sigma_max=80.0, rho=100.0, truncation=0.9), 3.5),
 }
 
 
@@ -102,7 +102,6 @@ def print_table(device: torch.device, r: dict) -> None:
 
 def print_nfe() -> None:
     """NFE of the published samplers and the cost in 256²-equivalent net evaluations (a proxy)."""
-    nfe1 = 2 * STAGE1_STEPS - 1  # EDM Heun: the corrector doubles every point but the last
     print("\nNFE of the published samplers (net evals: ×2 at 256² where CFG is on; 256²-eq. = 64² evals / 16")
     print("+ 256² evals, a pixel-count proxy for the cost, not a measurement)")
     header = (
@@ -111,7 +110,8 @@ def print_nfe() -> None:
     )
     print(header)
     print("|" + "|".join("-" * len(c) for c in header.split("|")[1:-1]) + "|")
-    for name, (kw, cfg) in PUBLISHED.items():
+    for name, (steps1, kw, cfg) in PUBLISHED.items():
+        nfe1 = 2 * steps1 - 1  # EDM Heun: the corrector doubles every point but the last
         steps, grid = kw["steps"], relay_grid(**kw)
         mult = 2 if cfg != 1 else 1
         nfe2, full = 2 * (len(grid) - 1) + 1, 2 * steps - 1  # the last point is one plain D

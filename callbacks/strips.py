@@ -39,7 +39,9 @@ def x0_hat_strip(
 ) -> tuple[Tensor, list]:
     """Sample ``seeds``; returns (strip [S * (F + 1), C, H, W] row-major by seed, the t of each frame)."""
     n_steps = steps if steps is not None else int(getattr(pl_module, "sample_steps", 50))
-    keep = set(frame_steps(n_steps, frames))
+    # how many steps the sampler reports (Relay's truncated grid runs fewer than it is given)
+    reported = getattr(pl_module, "reported_steps", None)
+    keep = set(frame_steps(reported(n_steps) if callable(reported) else n_steps, frames))
     recorded: list[tuple[float, Tensor]] = []
 
     def record(d: dict) -> None:

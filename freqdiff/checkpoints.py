@@ -13,6 +13,7 @@ Relay's stage 2 loads its stage-1 run with ``load_run`` without importing ``expe
   in one of the project's own packages (``TRUSTED_PACKAGES``), or in a package the user trusts
   explicitly (``trusted=`` or ``FREQDIFF_TRUSTED_PACKAGES=mypkg,other``); anything else is refused
   before anything is imported. (A YAML experiment the user runs is code: it may name any target.)
+- ``LinkedRun(path)``: another run a module samples with (Relay's stage 1), loaded lazily.
 """
 
 from __future__ import annotations
@@ -125,3 +126,41 @@ def load_run(
     except RuntimeError as e:
         raise CheckpointError(f"{find_checkpoint(path)}: weights do not fit the embedded config: {e}") from e
     return module.eval(), cfg
+
+
+class LinkedRun:
+    """Another run a module uses at sampling time (Relay's stage 2 uses its stage-1 run), loaded lazily.
+
+    Not an ``nn.Module``: the linked module is not trained, not in the user's state_dict or checkpoints.
+    ``module(device)`` loads it once (again when its checkpoint file changes) in eval mode;
+    ``unavailable()`` says why it cannot be loaded yet (None when it can); ``step()`` is its
+    checkpoint's global step (what samples depend on).
+    """
+
+    def __init__(self, path: str | Path | None, what: str = "the linked run"):
+        self.path, self.what = path, what
+        self._key: str | None = None
+        self._module = None
+
+    def unavailable(self) -> str | None:
+        if self.path is None:
+            return f"{self.what} is not set"
+        try:
+            find_checkpoint(self.path)
+        except FileNotFoundError:
+            return f"{self.what} has no checkpoint yet at {self.path}"
+        return None
+
+    def module(self, device: torch.device | str = "cpu"):
+        if self.path is None:
+            raise ValueError(f"{self.what} is not set")
+        p = find_checkpoint(self.path)  # FileNotFoundError names the path
+        key = f"{p}:{p.stat().st_mtime_ns}"
+        if self._module is None or self._key != key:
+            self._module, _ = load_run(self.path, map_location="cpu")
+            self._module.eval()
+            self._key = key
+        return self._module.to(device)
+
+    def step(self) -> int:
+        return int(read_checkpoint(self.path)["global_step"])

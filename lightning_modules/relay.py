@@ -21,12 +21,12 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-from freqdiff.checkpoints import find_checkpoint, load_run, read_checkpoint
+from freqdiff.checkpoints import LinkedRun
 from freqdiff.config import check_args
 from freqdiff.nets.unet import NULL_LABEL
 from freqdiff.processes.base import NoiseSource
 from freqdiff.processes.relay import RelayProcess
-from freqdiff.samplers import sample_relay
+from freqdiff.samplers import relay_grid, sample_relay
 from lightning_modules.ddpm import DDPMModule
 
 
@@ -68,23 +68,19 @@ class RelayModule(DDPMModule):
                 f"label_dropout={label_dropout}, cfg_scale={cfg_scale}: guidance needs a class-conditional "
                 "net (module.net.num_classes > 0)"
             )
-        sd = ddpm.get("sigma_data", 0.5)
-        if abs(float(sd) - process.sigma_data) > 1e-12:
+        if abs(float(ddpm.get("sigma_data", 0.5)) - process.sigma_data) > 1e-12:
             raise ValueError(
-                f"sigma_data={sd}: the process's loss weight uses sigma_data={process.sigma_data}; give both "
-                "the same value"
+                f"sigma_data={ddpm['sigma_data']}: the process's loss weight uses sigma_data="
+                f"{process.sigma_data}; give both the same value"
             )
         super().__init__(net, process, time_sampler, prediction=prediction, sample_steps=sample_steps, **ddpm)
         self.stage1, self.stage1_steps = stage1, stage1_steps
-        self.grid = dict(sigma_min=sigma_min, sigma_max=sigma_max, rho=rho, truncation_sigma=truncation_sigma)
-        self.sampler_pl, self.s_noise, self.corrector, self.cfg_scale = (
-            sampler_pl,
-            s_noise,
-            corrector,
-            cfg_scale,
-        )
+        self.stage1_run = LinkedRun(stage1, "module.stage1")  # not a submodule: not trained or saved here
+        self.sampler_kwargs = dict(
+            sigma_min=sigma_min, sigma_max=sigma_max, rho=rho, truncation_sigma=truncation_sigma,
+            pl=sampler_pl, s_noise=s_noise, corrector=corrector, cfg_scale=cfg_scale,
+        )  # fmt: skip
         self.label_dropout, self.num_classes = float(label_dropout), num_classes
-        self._stage1_cache: dict = {}  # not a submodule: stage 1 is not trained or saved here
 
     # ---- training -------------------------------------------------------------------------------------
     def loss(self, x0: Tensor, labels: Tensor | None = None) -> tuple[Tensor, Tensor]:
@@ -95,42 +91,30 @@ class RelayModule(DDPMModule):
 
     # ---- the two-stage sampler ------------------------------------------------------------------------
     def stage1_module(self):
-        """The stage-1 module (EMA weights), loaded once from ``stage1`` onto this module's device."""
-        if self.stage1 is None:
+        """The stage-1 module (EMA weights) on this module's device; its images must relay to this stage's."""
+        m = self.stage1_run.module(self.device)
+        res = int(m.process.resolution(0.0))
+        if self.process.image_resolution % res or int(getattr(m, "channels", self.channels)) != self.channels:
             raise ValueError(
-                "module.stage1 is not set: give the stage-1 run folder, or call sample(x_low=...)"
+                f"module.stage1={self.stage1}: its {res}² images do not relay to this stage's "
+                f"{self.process.image_resolution}² x {self.channels} channels"
             )
-        key = str(find_checkpoint(self.stage1))  # FileNotFoundError names the path when it is missing
-        cached = self._stage1_cache.get("module")
-        if cached is None or self._stage1_cache.get("key") != key:
-            cached, _ = load_run(self.stage1, map_location="cpu")
-            res = int(cached.process.resolution(0.0))
-            if (
-                self.process.image_resolution % res
-                or int(getattr(cached, "channels", self.channels)) != self.channels
-            ):
-                raise ValueError(
-                    f"module.stage1={self.stage1}: its {res}² images do not relay to this stage's "
-                    f"{self.process.image_resolution}² x {self.channels} channels"
-                )
-            self._stage1_cache = {"module": cached.eval(), "key": key}
-        return cached.to(self.device)
+        return m
 
     def sampling_unavailable(self) -> str | None:
         """Why ``sample()`` cannot run yet (callbacks skip their samples then), or None."""
-        if self.stage1 is None:
-            return "module.stage1 is not set"
-        try:
-            find_checkpoint(self.stage1)
-        except FileNotFoundError:
-            return f"stage 1 has no checkpoint yet at {self.stage1}"
-        return None
+        return self.stage1_run.unavailable()
+
+    def reported_steps(self, steps: int | None = None) -> int:
+        """Steps the sampler reports through its callback: the truncated grid's points."""
+        kw = {k: self.sampler_kwargs[k] for k in ("sigma_min", "sigma_max", "rho")}
+        return len(
+            relay_grid(steps or self.sample_steps, truncation=self.sampler_kwargs["truncation_sigma"], **kw)
+        )
 
     def sampling_depends_on(self) -> dict:
         """What samples depend on beyond this checkpoint (the evaluation's cache key): stage 1's step."""
-        if self.stage1 is None:
-            return {}
-        return {"stage1-step": int(read_checkpoint(self.stage1)["global_step"])}
+        return {} if self.stage1 is None else {"stage1-step": self.stage1_run.step()}
 
     def sample_stages(self, seeds) -> dict[str, Tensor]:
         """Each stage's images for the same seeds: {"stage 1 (h²)": x_low, "stage 2 (H²)": samples}."""
@@ -163,13 +147,6 @@ class RelayModule(DDPMModule):
         labels = self._labels(seeds, labels)
         if x_low is None:
             x_low = self.stage1_module().sample(noise, steps=self.stage1_steps, labels=labels)
-        settings = dict(
-            **self.grid,
-            pl=self.sampler_pl,
-            s_noise=self.s_noise,
-            corrector=self.corrector,
-            cfg_scale=self.cfg_scale,
-        )
         return self.run_sampler(
-            sample_relay, noise, steps, use_ema, x_low=x_low, labels=labels, **{**settings, **kw}
+            sample_relay, noise, steps, use_ema, x_low=x_low, labels=labels, **{**self.sampler_kwargs, **kw}
         )

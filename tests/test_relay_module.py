@@ -124,6 +124,13 @@ def test_quickstart_relay_pipeline_runs_resumes_and_composes_the_stages(tmp_path
     torch.testing.assert_close(module.sample([4], steps=12), x[1:], atol=1e-5, rtol=1e-5)
     stages = module.sample_stages([0, 1])
     assert [v.shape[-1] for v in stages.values()] == [8, 32]
+    # the x0_hat strips pick their frames from the truncated grid the sampler actually runs
+    from callbacks.strips import frame_steps, x0_hat_strip
+
+    n = module.reported_steps(60)
+    assert n == 22  # Karras 60 points, 22 below σ 0.95
+    strip, ts = x0_hat_strip(module, [0], steps=60, frames=8)
+    assert len(ts) == len(frame_steps(n, 8)) + 1 == 9 and strip.shape == (9, 3, 32, 32)
     # a rerun skips what is done: no training step, the evaluation record is read back
     capsys.readouterr()
     again = run_pipeline("quickstart_relay", args)
