@@ -23,6 +23,7 @@ selects one part, and any other ``key=v`` reaches every stage that has the key (
 
 from __future__ import annotations
 
+import gc
 import json
 from pathlib import Path
 
@@ -37,9 +38,12 @@ def is_pipeline(exp: str) -> bool:
     return "pipeline" in load(exp, resolve=False)
 
 
-def _split(overrides: list[str]) -> tuple[list[str], list[str]]:
-    own = [o for o in overrides if o.lstrip("+").split(".", 1)[0] in SHARED_ONLY]
-    return own, [o for o in overrides if o not in own]
+def _split(overrides: list[str]) -> tuple[list[str], list[str], list[str]]:
+    """(the pipeline file's own overrides, stage-specific ``stages.<s>.*`` ones, general ones)."""
+    head = lambda o: o.lstrip("+").split(".", 1)[0]  # noqa: E731
+    staged = [o for o in overrides if head(o) == "stages"]
+    own = [o for o in overrides if head(o) in SHARED_ONLY and o not in staged]
+    return own, staged, [o for o in overrides if o not in own and o not in staged]
 
 
 def _has(cfg: DictConfig, override: str) -> bool:
@@ -53,8 +57,12 @@ def _has(cfg: DictConfig, override: str) -> bool:
 
 def load_pipeline(exp: str, overrides: list[str] | None = None) -> tuple[DictConfig, dict[str, DictConfig]]:
     """(the pipeline file with its own overrides, {stage: resolved run config})."""
-    own, general = _split(list(overrides or []))
+    own, staged, general = _split(list(overrides or []))
     raw = load(exp, own, resolve=False)
+    for o in staged:  # applied to the merged stage below (the key may come from a stage's base file)
+        name = o.lstrip("+").split(".")[1] if o.count(".") >= 2 else ""
+        if name not in raw.stages:
+            raise ConfigError(f"{o.split('=', 1)[0]}: no stage {name!r} (stages: {', '.join(raw.stages)})")
     parts = list(raw.pipeline.parts)
     stages = [p for p in parts if p != "evaluate"]
     unknown = [s for s in stages if s not in raw.stages]
@@ -82,7 +90,7 @@ def load_pipeline(exp: str, overrides: list[str] | None = None) -> tuple[DictCon
         cfg.pipeline = {"name": str(raw.experiment), "stage": s}
         OmegaConf.set_struct(cfg, True)
         cfg = apply_overrides(cfg, [o for o in general if _has(cfg, o)])
-        mine = [o for o in own if o.lstrip("+").startswith(f"stages.{s}.")]  # a stage's own key wins
+        mine = [o for o in staged if o.lstrip("+").startswith(f"stages.{s}.")]  # a stage's own key wins
         cfg = apply_overrides(
             cfg, [("+" if o.startswith("+") else "") + o.lstrip("+")[len(f"stages.{s}.") :] for o in mine]
         )
@@ -132,7 +140,10 @@ def run_pipeline(exp: str, overrides: list[str] | None = None, dry: bool = False
         cfg = stages[part]
         if cfg.data.get("resolution", 0) is None:
             raise ConfigError(f"stages.{part}.data.resolution: a stage must name its resolution")
-        results[part] = run(cfg, data_note="set in the stage's config")
+        out = run(cfg, data_note="set in the stage's config")
+        results[part] = {"run_dir": out["run_dir"]}
+        del out  # the trained module, optimiser state and trainer: free them before the next part
+        gc.collect()
     return results
 
 
