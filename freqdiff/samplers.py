@@ -260,7 +260,7 @@ def sample_relay(
     callback: Callable[[dict], None] | None = None,
     device: torch.device | str = "cpu",
 ) -> Tensor:
-    """Relay Diffusion's stage-2 sampler (THUDM/RelayDiffusion ``blur_sampler``; METHODS.md §3).
+    """Relay Diffusion's stage-2 sampler (THUDM/RelayDiffusion ``blur_sampler``; docs/methods/relay.md).
 
     ``x = process.start_from(x_low, σ_0)`` at the first σ of ``relay_grid``, then per grid point σ_c with
     successor σ_n: x0_hat = D(x; σ_c), ``process.blur_step`` from σ_c to σ_n with the blur of

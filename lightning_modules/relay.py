@@ -1,4 +1,4 @@
-"""Relay Diffusion's stage 2 (Teng et al. 2024; METHODS.md §3) as a thin DDPM module over ``RelayProcess``.
+"""Relay Diffusion's stage 2 (Teng et al. 2024; docs/methods/relay.md): a thin DDPM module.
 
 Stage 1 is the spine's EDM (``EDMModule``, trained into its own run folder, sampled with Relay's
 stochastic Heun through ``sde_scale``). This module trains stage 2 on its own, independent of stage 1

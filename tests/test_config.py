@@ -12,6 +12,8 @@ from omegaconf import OmegaConf
 from freqdiff.config import EXPERIMENTS_DIR, ConfigError, instantiate, load
 
 EXPERIMENTS = sorted(p.stem for p in EXPERIMENTS_DIR.glob("*.yaml") if not p.stem.startswith("_"))
+PIPELINES = [e for e in EXPERIMENTS if "pipeline" in load(e, resolve=False)]  # multi-stage: one run per stage
+EXPERIMENTS = [e for e in EXPERIMENTS if e not in PIPELINES]
 
 
 def shrink(exp: str, tmp_path: Path) -> list[str]:
@@ -32,6 +34,22 @@ def test_every_experiment_loads_and_instantiates(exp, tmp_path):
     callbacks = [instantiate(v, f"callbacks.{k}") for k, v in cfg.callbacks.items()]
     assert hasattr(module, "loss") and hasattr(module, "sample") and hasattr(data, "train_dataloader")
     assert callbacks
+
+
+@pytest.mark.parametrize("exp", PIPELINES)
+def test_every_pipeline_stage_loads_and_instantiates(exp, tmp_path):
+    from experiments.pipeline import load_pipeline
+
+    # the paper stages are 295 M / 553 M: instantiate a small net (their sizes: tests/test_relay_module.py)
+    shrink = [f"data.path={tmp_path / 'data'}", f"run.root={tmp_path / 'runs'}", "module.net.preset=tiny"]
+    _, stages = load_pipeline(exp, shrink)
+    assert stages
+    for name, cfg in stages.items():
+        assert cfg.experiment == f"{exp}/{name}" and cfg.pipeline.name == exp
+        module = instantiate(cfg.module, f"stages.{name}.module")
+        data = instantiate(cfg.data, f"stages.{name}.data")
+        callbacks = [instantiate(v, f"stages.{name}.callbacks.{k}") for k, v in cfg.callbacks.items()]
+        assert hasattr(module, "sample") and hasattr(data, "train_dataloader") and callbacks
 
 
 def test_base_is_merged_and_overrides_apply():

@@ -1,4 +1,4 @@
-"""Relay Diffusion's stage-2 process and sampler (METHODS.md §3, properties 1-5; THUDM/RelayDiffusion).
+"""Relay Diffusion's stage-2 process and sampler (docs/methods/relay.md; THUDM/RelayDiffusion).
 
 The contract suite (tests/test_processes.py, entry "relay") covers marginals, steps, conversions and
 the precision policy; here: the patch DCT, the blur, the block noise, the schedule's numbers, the
@@ -101,7 +101,7 @@ def test_noise_mixes_white_and_block_noise_without_renormalising():
 
 
 def test_schedule_spot_values():
-    """METHODS.md property 4 (ImageNet's pl 0.93, σ_B,max 3) and the official clamp's effective minimum."""
+    """The schedule spot values (ImageNet's pl 0.93, σ_B,max 3) and the official clamp's effective minimum."""
     p = RelayProcess(pl=0.93, sigma_B_max=3.0)
     t = torch.tensor([0.3, 0.9], dtype=torch.float64)
     assert p.sigma(t).tolist() == pytest.approx([0.1491, 0.9789], abs=1e-4)

@@ -1,4 +1,4 @@
-"""Relay's stage-2 module, label dropout, the two-stage pipeline and the paper configs (METHODS.md §3)."""
+"""Relay's stage-2 module, label dropout, the two-stage pipeline, paper configs (docs/methods/relay.md)."""
 
 from __future__ import annotations
 

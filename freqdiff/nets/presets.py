@@ -12,8 +12,8 @@ against the paper and edm_relay64 (with 1000 classes, 6 outputs) against ADM's 2
 | base         | 30.58 M  | GPU-scale 32² (DDPM CIFAR-10 size)                                     |
 | adm_blur64   | 121.06 M | blur diffusion, LSUN 64² (METHODS.md §2: 121 M) and its DDPM baseline  |
 | adm_celeba64 | 129.38 M | DDPM baseline on CelebA 64²: ADM's own 64² recipe at 128 channels      |
-| edm_relay64  | 295.13 M | Relay stage 1 at 64² (EDM's ADM, METHODS.md §3)                        |
-| edm_relay256 | 552.81 M | Relay stage 2 at 256² (EDM's ADM at 256², METHODS.md §3)               |
+| edm_relay64  | 295.13 M | Relay stage 1 at 64² (EDM's ADM, docs/methods/relay.md)                |
+| edm_relay256 | 552.81 M | Relay stage 2 at 256² (EDM's ADM, docs/methods/relay.md)               |
 """
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""Relay Diffusion's stage 2 (Teng et al., ICLR 2024; METHODS.md §3): patch-wise blurring with block noise.
+"""Relay Diffusion's stage 2 (Teng et al., ICLR 2024; docs/methods/relay.md): patch blur, block noise.
 
 Forward, at the high resolution, for one time ``t ≡ u ∈ [0, 1]`` that drives both the noise level and
 the blur (the official ``BlurLoss``: one uniform draw per sample):
