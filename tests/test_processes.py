@@ -23,6 +23,7 @@ from freqdiff.processes.gaussian import GaussianProcess, cosine_alpha_bar, linea
 from freqdiff.processes.linear import ExactDenoiser, materialise
 from freqdiff.processes.ops import append_dims
 from freqdiff.processes.relay import RelayProcess
+from freqdiff.processes.scale_space import ScaleSpaceProcess
 from freqdiff.samplers import sample_ancestral, sample_heun
 
 N = 20_000  # Monte Carlo samples
@@ -93,6 +94,8 @@ PROCESSES = {
         None,
         heun=False,
     ),
+    # Scale Space: 4² data, 2 levels (4² until step 749, 2² from step 750 on)
+    "scale-space": Entry(lambda: ScaleSpaceProcess(resolution=4, levels=2), (1, 4, 4), 0.01, heun=False),
 }
 TIMES = [0.02, 0.3, 0.7, 1.0]
 
@@ -175,15 +178,20 @@ def test_step_with_true_x0_maps_marginal_to_marginal(entry, t, s, eta):
 
 def test_eps_x0_conversions_round_trip(entry):
     e, p = entry
-    x0 = torch.rand(8, *e.shape) * 2 - 1
-    t = torch.linspace(0.05, e.roundtrip_t, 8)
-    x_t, eps = p.marginal(x0, t, _noise(7))
-    ref = p.x0_at(x0, t)
-    scale = float(p.scalings(t)[1].max())
-    torch.testing.assert_close(
-        p.x0_from_eps(x_t, eps, t).float(), ref, atol=2e-3, rtol=1e-3
-    )  # any float dtype
-    torch.testing.assert_close(p.eps_from_x0(x_t, ref, t), eps, atol=1e-4 * max(scale, 1), rtol=1e-3)
+    x0_all = torch.rand(8, *e.shape) * 2 - 1
+    t_all = torch.linspace(0.05, e.roundtrip_t, 8)
+    by_res: dict[int, list[int]] = {}  # a batch has one resolution (Scale Space): one call per resolution
+    for i, tv in enumerate(t_all.tolist()):
+        by_res.setdefault(p.resolution(tv), []).append(i)
+    for rows in by_res.values():
+        x0, t = x0_all[rows], t_all[rows]
+        x_t, eps = p.marginal(x0, t, _noise(7))
+        ref = p.x0_at(x0, t)
+        scale = float(p.scalings(t)[1].max())
+        torch.testing.assert_close(
+            p.x0_from_eps(x_t, eps, t).float(), ref, atol=2e-3, rtol=1e-3
+        )  # any float dtype
+        torch.testing.assert_close(p.eps_from_x0(x_t, ref, t), eps, atol=1e-4 * max(scale, 1), rtol=1e-3)
 
 
 def test_process_math_ignores_bf16_autocast(entry):

@@ -115,7 +115,8 @@ class ExactDenoiser(nn.Module):
             flat = x_t[rows].reshape(len(rows), -1).double()
             out[rows] = (mu + (flat - Amu) @ K.T).reshape(len(rows), *self.shape)
         out = out.float()
-        if out_resolution is not None and out_resolution != self.shape[-1]:
+        out_resolution = out_resolution or x_t.shape[-1]  # x0 at the state's side unless told otherwise
+        if out_resolution != self.shape[-1]:
             ts = [k / 1000 for k in range(1001) if self.process.resolution(k / 1000) == out_resolution]
             if not ts:
                 raise ValueError(f"{type(self.process).__name__} never has resolution {out_resolution}")
