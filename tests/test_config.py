@@ -22,6 +22,10 @@ def shrink(exp: str, tmp_path: Path) -> list[str]:
     out = [f"data.path={tmp_path / 'data'}", f"run.root={tmp_path / 'runs'}", "data.resolution=16"]
     if "preset" in cfg.module.get("net", {}):
         out.append("module.net.preset=tiny")
+    if "channel_mult" in cfg.module.get("net", {}):
+        out.append("module.net.channel_mult=[1,2,2]")
+    if "levels" in cfg.module.get("process", {}):  # Scale Space: as many levels as the tiny net has
+        out.append("module.process.levels=2")
     return out
 
 

@@ -152,3 +152,23 @@ def test_loss_targets_x0_at_the_next_resolution_and_samples_at_full_resolution()
     net = flexi("tiny", resolution=16, channel_mult=(1,), attn_resolutions=[])
     with pytest.raises(ValueError, match="levels"):
         ScaleSpaceModule(net, ScaleSpaceProcess(resolution=16, levels=2))
+
+
+@pytest.mark.parametrize(
+    "exp,millions,levels",
+    [("ssd_celeba64_4L", 92.26, [8, 16, 32, 64]), ("ssd_celeba256_6L", 124.25, [8, 16, 32, 64, 128, 256])],
+)
+def test_paper_configs_instantiate_with_their_sizes(exp, millions, levels):
+    from freqdiff.config import instantiate, load
+    from freqdiff.nets.presets import count_parameters
+
+    cfg = load(exp, ["data.path=/nowhere"])
+    with torch.device("meta"):
+        m = instantiate(cfg.module, "module")
+    assert count_parameters(m.denoiser) / 1e6 == pytest.approx(millions, abs=0.01)
+    assert m.process.levels == levels and m.process.schedule == "convex" and m.process.gamma == 0.5
+    base = load("ddpm_x0_celeba64", ["data.path=/nowhere"])  # the baseline: same backbone, one level
+    if exp == "ssd_celeba64_4L":
+        with torch.device("meta"):
+            b = instantiate(base.module, "module")
+        assert count_parameters(b.denoiser) == count_parameters(m.denoiser) and b.process.levels == [64]
