@@ -8,7 +8,16 @@ ARGS ?=
 DRY ?=
 PYTEST_ARGS ?=
 
-.PHONY: install exp test test-all bench board lint format clean-runs
+.PHONY: help install exp test test-all bench board lint format clean-runs
+
+help:  ## the targets, one line each
+	@echo "make exp [EXP=name|path.yaml] [ARGS=\"k=v ...\"] [RUN=runs/<exp>/<name>]  train (or resume) an experiment"
+	@echo "make test / make test-all                         the fast suite / every test (slow, DDP, fault injection)"
+	@echo "make bench                                        side-by-side benchmarks (ratios)"
+	@echo "make shards SRC=folder OUT=folder RES=64,256 ...   image folder -> WebDataset shards"
+	@echo "make sample RUN=... N=...  /  make eval RUN=... N=...  samples / metrics of a trained run"
+	@echo "make board [LOGDIR=runs] [PORT=6006]              TensorBoard on 127.0.0.1"
+	@echo "make lint / make format                           ruff"
 
 # Install once: torch==2.13.0 first (a local CPU wheel here), then the project with the same pin as a
 # constraint so that no dependency can pull another torch. Re-runs only when pyproject.toml changes.
@@ -34,8 +43,11 @@ test-all: install
 bench: install
 	$(PY) -m benchmarks
 
+# make board [LOGDIR=runs] [PORT=6006]: TensorBoard on 127.0.0.1 over the runs under LOGDIR
+LOGDIR ?= runs
+PORT ?= 6006
 board: install
-	$(VENV)/bin/tensorboard --logdir runs --host 127.0.0.1
+	$(VENV)/bin/tensorboard --logdir "$(LOGDIR)" --host 127.0.0.1 --port $(PORT)
 
 lint: install
 	$(VENV)/bin/ruff check . && $(VENV)/bin/ruff format --check .

@@ -1,12 +1,13 @@
 """Experiment configs: strict OmegaConf loading and `_target_` instantiation (DESIGN.md §3).
 
-- ``load(exp, overrides)`` reads ``experiments/<exp>.yaml`` (or a path), merges its ``base:`` list
-  (one level, paths relative to the file), applies ``key=value`` overrides and returns a struct-mode
-  config: a key that does not exist is an error naming it, with the closest existing keys.
-  ``+key=value`` adds a key on purpose. An override keeps the type the config holds (an integer key
-  takes an integer, a number key a number, a true/false key a bool, a list a list), unless the
-  receiving keyword argument's annotation admits more (``trainer.devices=auto``, ``…=null`` where the
-  argument may be None); ``???`` and unparsable values are refused.
+- ``load(exp, overrides)`` reads ``experiments/<exp>.yaml`` (or a .yaml anywhere), merges its ``base:``
+  list (paths relative to the file naming them; a base may have bases; cycles are refused), applies
+  ``key=value`` overrides and returns a struct-mode config: a key that does not exist is an error
+  naming it, with the closest existing keys. ``+key=value`` adds a key on purpose. An override keeps
+  the type the config holds (an integer key takes an integer, a number key a number, a true/false key
+  a bool, a list a list), unless the receiving keyword argument's annotation admits more
+  (``trainer.devices=auto``, ``…=null`` where the argument may be None); ``???`` and unparsable values
+  are refused.
 - ``instantiate(node, path)`` builds objects from ``_target_`` import paths, depth first. A bad
   constructor argument is reported with the node's full config path, e.g.
   ``module.process: GaussianProcess got an unexpected keyword argument 'sigmma'``; a ``ValueError`` or
@@ -263,25 +264,31 @@ def apply_overrides(cfg: DictConfig, overrides: list[str]) -> DictConfig:
     return cfg
 
 
+def _with_bases(path: Path, chain: tuple[Path, ...]) -> DictConfig:
+    """The file at ``path`` merged over its ``base:`` files (each resolved relative to the file that
+    names it, recursively, in order); a file that is its own base, directly or not, is refused."""
+    if path in chain:
+        loop = " -> ".join(p.name for p in (*chain, path))
+        raise ConfigError(f"base files form a cycle: {loop}")
+    cfg = _read(path)
+    bases = cfg.pop("base", None) or []
+    merged = OmegaConf.create({})
+    for b in [bases] if isinstance(bases, str) else bases:
+        base_path = (path.parent / str(b)).resolve()
+        if not base_path.is_file():
+            raise ConfigError(f"{path.name}: base file {b!r} not found (looked for {base_path})")
+        merged = OmegaConf.merge(merged, _with_bases(base_path, (*chain, path)))
+    return OmegaConf.merge(merged, cfg)
+
+
 def load(exp: str, overrides: list[str] | None = None, resolve: bool = True) -> DictConfig:
     """Load an experiment with its ``base:`` files merged underneath, then overrides; struct mode.
 
     ``resolve=False`` keeps the interpolations (a multi-stage experiment resolves each stage's own)."""
     path = resolve_path(exp)
-    cfg = _read(path)
-    bases = cfg.pop("base", None) or []
-    merged = OmegaConf.create({})
-    for b in [bases] if isinstance(bases, str) else bases:
-        base_path = (path.parent / b).resolve()
-        if not base_path.is_file():
-            raise ConfigError(f"{path.name}: base file {b!r} not found (looked for {base_path})")
-        base_cfg = _read(base_path)
-        if "base" in base_cfg:
-            raise ConfigError(f"{b}: base files may not have their own 'base:' (one level only)")
-        merged = OmegaConf.merge(merged, base_cfg)
-    merged = OmegaConf.merge(merged, cfg)
-    if "experiment" not in merged:
-        merged.experiment = path.stem
+    merged = _with_bases(path.resolve(), ())
+    own = _read(path.resolve()).get("experiment")  # a base's name is not inherited
+    merged.experiment = path.stem if own is None else own
     OmegaConf.set_struct(merged, True)
     cfg = apply_overrides(merged, list(overrides or []))
     return resolve_config(cfg, path.name) if resolve else cfg

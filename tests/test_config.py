@@ -113,3 +113,23 @@ def test_auto_precision_uses_bf16_only_where_the_device_computes_it(monkeypatch)
     assert runner.auto_precision("cpu") == "bf16-mixed"
     monkeypatch.setattr(runner.torch.cuda, "is_bf16_supported", lambda: False)
     assert runner.auto_precision("cuda") == "32-true"
+
+
+def test_bases_may_have_bases_and_experiments_live_anywhere(tmp_path):
+    """A user's file extends quickstart.yaml (which has its own base) from outside experiments/."""
+    from freqdiff.config import EXPERIMENTS_DIR
+
+    mine = tmp_path / "lab" / "my_quick.yaml"
+    mine.parent.mkdir()
+    (tmp_path / "lab" / "common.yaml").write_text(
+        f"base: [{EXPERIMENTS_DIR / 'quickstart.yaml'}]\ntrainer:\n  max_steps: 7\n"
+    )
+    mine.write_text("base: [common.yaml]\nmodule:\n  lr: 0.0005\n")
+    cfg = load(str(mine), ["data.resolution=16"])
+    assert cfg.experiment == "my_quick"  # the file's own name, not its base's
+    assert cfg.trainer.max_steps == 7 and cfg.module.lr == 0.0005
+    assert cfg.trainer.precision == "auto" and cfg.module.net.preset == "tiny"  # from _base.yaml / quickstart
+    (tmp_path / "lab" / "a.yaml").write_text("base: [b.yaml]\n")
+    (tmp_path / "lab" / "b.yaml").write_text("base: [a.yaml]\n")
+    with pytest.raises(ConfigError, match=r"cycle: a.yaml -> b.yaml -> a.yaml"):
+        load(str(tmp_path / "lab" / "a.yaml"))
