@@ -264,12 +264,11 @@ def apply_overrides(cfg: DictConfig, overrides: list[str]) -> DictConfig:
     return cfg
 
 
-def _with_bases(path: Path, chain: tuple[Path, ...]) -> DictConfig:
-    """The file at ``path`` merged over its ``base:`` files (each resolved relative to the file that
-    names it, recursively, in order); a file that is its own base, directly or not, is refused."""
+def _with_bases(path: Path, chain: tuple[Path, ...]) -> tuple[DictConfig, Any]:
+    """(the file at ``path`` merged over its ``base:`` files, the file's own ``experiment``). Bases are
+    resolved relative to the file naming them, recursively; a file that is its own base is refused."""
     if path in chain:
-        loop = " -> ".join(p.name for p in (*chain, path))
-        raise ConfigError(f"base files form a cycle: {loop}")
+        raise ConfigError(f"base files form a cycle: {' -> '.join(p.name for p in (*chain, path))}")
     cfg = _read(path)
     bases = cfg.pop("base", None) or []
     merged = OmegaConf.create({})
@@ -277,8 +276,8 @@ def _with_bases(path: Path, chain: tuple[Path, ...]) -> DictConfig:
         base_path = (path.parent / str(b)).resolve()
         if not base_path.is_file():
             raise ConfigError(f"{path.name}: base file {b!r} not found (looked for {base_path})")
-        merged = OmegaConf.merge(merged, _with_bases(base_path, (*chain, path)))
-    return OmegaConf.merge(merged, cfg)
+        merged = OmegaConf.merge(merged, _with_bases(base_path, (*chain, path))[0])
+    return OmegaConf.merge(merged, cfg), cfg.get("experiment")
 
 
 def load(exp: str, overrides: list[str] | None = None, resolve: bool = True) -> DictConfig:
@@ -286,9 +285,8 @@ def load(exp: str, overrides: list[str] | None = None, resolve: bool = True) -> 
 
     ``resolve=False`` keeps the interpolations (a multi-stage experiment resolves each stage's own)."""
     path = resolve_path(exp)
-    merged = _with_bases(path.resolve(), ())
-    own = _read(path.resolve()).get("experiment")  # a base's name is not inherited
-    merged.experiment = path.stem if own is None else own
+    merged, own = _with_bases(path.resolve(), ())
+    merged.experiment = path.stem if own is None else own  # a base's name is not inherited
     OmegaConf.set_struct(merged, True)
     cfg = apply_overrides(merged, list(overrides or []))
     return resolve_config(cfg, path.name) if resolve else cfg

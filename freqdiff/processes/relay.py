@@ -173,19 +173,16 @@ class RelayProcess(Process):
         return x.reshape(B, C, H // p, p, W // p, p)
 
     @full_precision_fn
-    def dct(self, x: Tensor) -> Tensor:
-        """Orthonormal DCT-II of every p×p patch; coefficient (k, l) of a patch sits at its pixel (k, l)."""
+    def dct(self, x: Tensor, inverse: bool = False) -> Tensor:
+        """Orthonormal DCT-II of every p×p patch (its inverse with ``inverse``); coefficient (k, l) of a
+        patch sits at its pixel (k, l)."""
         dt = torch.promote_types(x.dtype, torch.float32)
         C = self.C.to(device=x.device, dtype=dt)
-        u = torch.einsum("kj,bcyjxl,ml->bcykxm", C, self._patches(x.to(dt)), C)
-        return u.reshape(x.shape)
+        spec = "kj,bcykxm,ml->bcyjxl" if inverse else "kj,bcyjxl,ml->bcykxm"
+        return torch.einsum(spec, C, self._patches(x.to(dt)), C).reshape(x.shape)
 
-    @full_precision_fn
     def idct(self, u: Tensor) -> Tensor:
-        dt = torch.promote_types(u.dtype, torch.float32)
-        C = self.C.to(device=u.device, dtype=dt)
-        x = torch.einsum("kj,bcykxm,ml->bcyjxl", C, self._patches(u.to(dt)), C)
-        return x.reshape(u.shape)
+        return self.dct(u, inverse=True)
 
     def factors(self, sigma_B: Tensor, dtype: torch.dtype = torch.float64) -> Tensor:
         """a_kl(σ_B) per sample, shaped [B, 1, 1, p, 1, p] to multiply the patch view of a DCT."""
