@@ -1,6 +1,7 @@
-"""Image folder -> WebDataset shards with a manifest (DESIGN.md §4 Data): ``make shards``.
+"""Image folder -> WebDataset shards with a manifest (docs/architecture.md, "Data"): ``make shards``.
 
     make shards SRC=/data/celeba_hq OUT=data/celebahq RES=64,256 [LABELS=folders] [FILTER=lanczos]
+                [VAL=1000|0.05] [VAL_SEED=0]
     python -m datamodules.write_shards /data/celeba_hq data/celebahq --res 64,256
 
 Per input image, the same steps as the papers' dataset tools (EDM's ``dataset_tool.py --transform
@@ -22,11 +23,16 @@ number of workers, tar members have fixed metadata and PNG has no time stamp: th
 byte-identical shards. Unreadable, truncated or non-image files are skipped and listed in the
 manifest with the reason. A folder that already holds another shard set is not overwritten
 unless ``--force`` (an update of the same dataset, same source and options, is allowed).
+
+Held-out split (``--val``, see ``splits.py``): a seeded uniform choice of the listed inputs goes to
+``OUT/val``, the rest to ``OUT/train``, each a complete shard set with its own manifest; keys count
+within each split. Inputs skipped by ``LABELS=folders`` are listed in the train manifest.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import multiprocessing as mp
 import os
 import sys
@@ -38,6 +44,7 @@ import numpy as np
 from PIL import Image, ImageOps
 from tqdm.auto import tqdm
 
+from datamodules import splits
 from datamodules.manifest import (
     MANIFEST,
     ShardWriter,
@@ -226,7 +233,7 @@ def _check_out(out: Path, want: dict[str, Any], force: bool) -> None:
 
 def write_shards(
     src: str | os.PathLike,  # folder of images (class sub-folders with labels="folders")
-    out: str | os.PathLike,  # output folder: shard-NNNNNN.tar + manifest.json
+    out: str | os.PathLike,  # output folder: shard-NNNNNN.tar + manifest.json (with val: train/, val/)
     resolutions: list[int],  # square sides to store, all in every sample
     labels: str = "none",  # "folders": class index from the first sub-folder name
     filter: str = "lanczos",  # resize filter, one of FILTERS
@@ -236,8 +243,13 @@ def write_shards(
     png_level: int = 6,  # PNG zlib level 0-9 (0: stored, ~2x faster to decode, ~1.7x larger)
     force: bool = False,  # replace a different shard set in `out`
     progress: bool = True,  # tqdm progress bar
+    val: int | float | None = None,  # held out into out/val: a count, or a fraction in (0, 1) of the inputs
+    val_seed: int = 0,  # seed of the held-out choice
 ) -> dict[str, Any]:
-    """Convert an image folder into shards; returns the manifest (also written to ``out``)."""
+    """Convert an image folder into shards; returns the manifest (also written to ``out``).
+
+    With ``val``: writes ``out/train`` and ``out/val`` and returns ``{"train": manifest, "val": manifest}``.
+    """
     resolutions = sorted({int(r) for r in resolutions})
     if not resolutions or resolutions[0] < 1:
         raise ValueError(f"resolutions must be positive ints, got {resolutions}")
@@ -249,6 +261,7 @@ def write_shards(
         raise ValueError(f"shard_size must be >= 1, got {shard_size}")
     if not 0 <= png_level <= 9:
         raise ValueError(f"png_level must be in 0..9, got {png_level}")
+    val, val_seed = splits.check_args(val, val_seed)
     src, out = Path(src).resolve(), Path(out).resolve()
     params = {
         "tool": TOOL,
@@ -261,15 +274,22 @@ def write_shards(
         "exif_transpose": True,
         "alpha": "composited over white",
     }
-    want = _identity(
-        {"source": str(src), "resolutions": resolutions, "filter": filter, "channels": 3, "params": params}
-    )
-    tasks, classes, skipped = list_inputs(src, labels, exclude=out)
-    _check_out(out, want, force)
+    tasks, classes, listed_skipped = list_inputs(src, labels, exclude=out)
+    route, set_params = splits.plan(len(tasks), val, val_seed, params)  # set name None: no split
+    folders = {n: out if n is None else out / n for n in set_params}
+    meta = {"source": str(src), "resolutions": resolutions, "filter": filter, "channels": 3}
+    stale = splits.check_layout(out, val is not None, force)
+    for n, folder in folders.items():
+        _check_out(folder, _identity({**meta, "params": set_params[n]}), force)
+    for folder in stale:  # FORCE=1 over the other layout
+        splits.clear_set(folder, out)
 
-    out.mkdir(parents=True, exist_ok=True)
-    (out / MANIFEST).unlink(missing_ok=True)  # a crash never leaves a manifest over other shards
-    old = {p.name for p in out.glob("shard-*.tar")}
+    old = {}
+    for n, folder in folders.items():
+        folder.mkdir(parents=True, exist_ok=True)
+        (folder / MANIFEST).unlink(missing_ok=True)  # a crash never leaves a manifest over other shards
+        old[n] = {p.name for p in folder.glob("shard-*.tar")}
+    skipped = {n: list(listed_skipped) if n != "val" else [] for n in folders}
     workers = max(1, (len(os.sched_getaffinity(0)) if workers is None else int(workers)))
     prepare = Prepare(resolutions, filter, allow_upscale, png_level)
     bar = tqdm(
@@ -278,37 +298,44 @@ def write_shards(
     pool = mp.get_context().Pool(workers) if workers > 1 and len(tasks) > 1 else None
     try:
         results = pool.imap(prepare, tasks, chunksize=8) if pool else map(prepare, tasks)
-        with ShardWriter(out, shard_size=shard_size) as w:
-            for (_, rel, _), (members, reason) in zip(tasks, results):  # input order: deterministic
+        with contextlib.ExitStack() as stack:
+            writers = {
+                n: stack.enter_context(ShardWriter(f, shard_size=shard_size)) for n, f in folders.items()
+            }
+            for (_, rel, _), n, (members, reason) in zip(tasks, route, results):  # input order: deterministic
                 bar.update(1)
                 if members is None:
-                    skipped.append(f"{rel}: {reason}")
+                    skipped[n].append(f"{rel}: {reason}")
                     continue
+                w = writers[n]
                 w.write({"__key__": f"{w.count:08d}", **members})
     finally:
         bar.close()
         if pool is not None:
             pool.terminate()
-    if w.count == 0:
-        raise ValueError(
-            f"no usable images in SRC {src} ({len(skipped)} skipped, e.g. {skipped[:3]}); nothing written"
+    manifests = {}
+    for n, w in writers.items():
+        if w.count == 0:
+            where = f"SRC {src}" if n is None else f"the {n} split of SRC {src}"
+            e = f"({len(skipped[n])} skipped, e.g. {skipped[n][:3]}); nothing written"
+            raise ValueError(f"no usable images in {where} {e}")
+        for name in old[n] - {s["name"] for s in w.shards}:  # stale shards of a larger earlier version
+            (folders[n] / name).unlink()
+        manifests[n] = make_manifest(
+            count=w.count,
+            resolutions=resolutions,
+            channels=3,
+            shards=w.shards,
+            labels=classes,
+            filter=filter,
+            source=str(src),
+            skipped=skipped[n],
+            reasons=dict(sorted(Counter(_reason_kind(s) for s in skipped[n]).items())),
+            params=set_params[n],
         )
-    for name in old - {s["name"] for s in w.shards}:  # stale shards of a larger earlier version
-        (out / name).unlink()
-    manifest = make_manifest(
-        count=w.count,
-        resolutions=resolutions,
-        channels=3,
-        shards=w.shards,
-        labels=classes,
-        filter=filter,
-        source=str(src),
-        skipped=skipped,
-        reasons=dict(sorted(Counter(_reason_kind(s) for s in skipped).items())),
-        params=params,
-    )
-    write_manifest(out, manifest)
-    return manifest
+    for n, m in manifests.items():  # only once every split is complete
+        write_manifest(folders[n], m)
+    return manifests[None] if val is None else manifests
 
 
 # -------------------------------------------------------------------- command line
@@ -344,12 +371,17 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument(
         "--png-level", type=int, default=6, help="PNG zlib level; 0 decodes ~2x faster, ~1.7x larger"
     )
+    val_help = "hold out a count (1000) or fraction (0.05) of the inputs: OUT/val, rest OUT/train (VAL)"
+    p.add_argument("--val", type=splits.arg(splits.check_val), help=val_help)
+    p.add_argument("--val-seed", type=splits.arg(splits.check_val_seed), help="seed of VAL (VAL_SEED, 0)")
     p.add_argument("--force", action="store_true", help="replace another shard set in OUT (FORCE=1)")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     a = p.parse_args(argv)
     missing = [n for n, v in (("SRC", a.src), ("OUT", a.out), ("RES", a.res)) if not v]
     if missing:
         p.error(f"{', '.join(missing)} required, e.g. make shards SRC=/data/images OUT=data/name RES=64,256")
+    if a.val_seed is not None and a.val is None:
+        p.error(f"VAL_SEED={a.val_seed} given without VAL (e.g. VAL=1000 or VAL=0.05)")
     try:
         m = write_shards(
             a.src,
@@ -363,21 +395,13 @@ def main(argv: list[str] | None = None) -> int:
             png_level=a.png_level,
             force=a.force,
             progress=not a.quiet,
+            val=a.val,
+            val_seed=a.val_seed or 0,
         )
     except (OSError, ValueError) as e:
         print(f"write_shards: error: {e}", file=sys.stderr)
         return 2
-    size = sum(s["bytes"] for s in m["shards"]) / 2**20
-    n_shards = len(m["shards"])
-    print(
-        f"wrote {m['count']} samples at {m['resolutions']} into {n_shards} shards ({size:.1f} MiB) in {a.out}"
-    )
-    if m["labels"]:
-        names = ", ".join(m["labels"][:5]) + (", ..." if len(m["labels"]) > 5 else "")
-        print(f"labels: {len(m['labels'])} classes ({names})")
-    if m["skipped"]["count"]:
-        where = Path(a.out) / MANIFEST
-        print(f"skipped {m['skipped']['count']} inputs: {m['skipped']['reasons']} (listed in {where})")
+    splits.summary({None: m} if a.val is None else m, Path(a.out))
     return 0
 
 

@@ -1,4 +1,4 @@
-"""The shard writer: image folder -> shards + manifest (``make shards``; DESIGN.md §4 Data).
+"""The shard writer: image folder -> shards + manifest (``make shards``; docs/architecture.md, "Data").
 
 References are computed here independently of ``write_shards.py``: decode with Pillow, convert the
 way the docstring promises (grey replicated, alpha over white, 16-bit high byte), centre-crop with
@@ -8,9 +8,11 @@ way the docstring promises (grey replicated, alpha over white, 16-bit high byte)
 from __future__ import annotations
 
 import io
+import json
 import struct
 import subprocess
 import sys
+import tarfile
 import zlib
 from pathlib import Path
 
@@ -203,7 +205,180 @@ def test_command_line(folder, tmp_path, capsys):
     ).stdout
     assert f'-m datamodules.write_shards "{src}" "{out}" --res "64,256" --labels folders' in text
     assert "--allow-upscale" in text and "--force" in text and "--filter lanczos" in text
+    assert "--val" not in text
+    text = subprocess.run(cmd + ["VAL=0.05", "VAL_SEED=3"], capture_output=True, text=True, check=True).stdout
+    assert '--val "0.05" --val-seed "3"' in text
     r = subprocess.run(
         [sys.executable, "-m", "datamodules.write_shards", "-h"], capture_output=True, text=True
     )
     assert r.returncode == 0 and "ALLOW_UPSCALE" in r.stdout
+
+
+# -------------------------------------------------------------------- held-out splits (VAL=, VAL_SEED=)
+def tiny_folder(
+    src: Path, n: int, classes: list[str] | None = None, broken: tuple[int, ...] = ()
+) -> list[str]:
+    """``n`` random 12x10 PNGs (dealt into class folders in runs of n / len(classes)), ``broken`` ones
+    not images; returns the relative paths of the usable ones, sorted."""
+    rng, good = np.random.default_rng(0), []
+    for i in range(n):
+        rel = f"{classes[i * len(classes) // n]}/im{i:03d}.png" if classes else f"im{i:03d}.png"
+        (src / rel).parent.mkdir(parents=True, exist_ok=True)
+        if i in broken:
+            (src / rel).write_bytes(b"not a png")
+            continue
+        Image.fromarray(rng.integers(0, 256, (10, 12, 3), dtype=np.uint8)).save(src / rel)
+        good.append(rel)
+    return sorted(good)
+
+
+def members(folder: Path, ext: str) -> list[str]:
+    """The ``<key>.<ext>`` members of a shard set in manifest order (``src.txt``: source paths)."""
+    out = []
+    for s in read_manifest(folder)["shards"]:
+        with tarfile.open(folder / s["name"]) as t:
+            out += [t.extractfile(m).read().decode() for m in t.getmembers() if m.name.endswith("." + ext)]
+    return out
+
+
+def test_held_out_split(tmp_path, capsys):
+    src = tmp_path / "src"
+    usable = tiny_folder(src, 42, broken=(3, 17, 30))  # 42 inputs listed, 39 usable
+    kw = {"workers": 1, "shard_size": 8, "progress": False}
+    plain = write_shards(src, tmp_path / "plain", [8], **kw)  # without VAL: one set directly in OUT
+    assert "split" not in plain["params"] and not (tmp_path / "plain" / "train").exists()
+
+    ms = write_shards(src, tmp_path / "a", [8], val=10, **kw)
+    train, val = members(tmp_path / "a" / "train", "src.txt"), members(tmp_path / "a" / "val", "src.txt")
+    assert not set(train) & set(val) and sorted(train + val) == usable  # disjoint, every usable input once
+    assert train == sorted(train) and val == sorted(val)  # input order inside each split
+    for name, n in (("train", 32), ("val", 10)):
+        m = ms[name]
+        assert m["params"] == {**plain["params"], "split": name, "val": 10, "val_seed": 0, "assigned": n}
+        assert m["count"] == n - m["skipped"]["count"] and read_manifest(tmp_path / "a" / name) == m
+        assert [s["count"] for s in m["shards"]] == [min(8, m["count"] - i) for i in range(0, m["count"], 8)]
+        assert m["resolutions"] == [8]
+    assert ms["train"]["skipped"]["count"] + ms["val"]["skipped"]["count"] == 3
+    assert not (tmp_path / "a" / "manifest.json").exists()
+
+    # deterministic: another folder, same bytes; another seed, another choice; a fraction of the inputs
+    ms_b = write_shards(src, tmp_path / "b", [8], val=10, **kw)
+    assert json.dumps(ms_b, sort_keys=True) == json.dumps(ms, sort_keys=True)
+    for name in ("train", "val"):
+        for s in ms[name]["shards"]:
+            a, b = (tmp_path / d / name / s["name"] for d in "ab")
+            assert a.read_bytes() == b.read_bytes()
+    write_shards(src, tmp_path / "c", [8], val=10, val_seed=1, **kw)
+    val_c = members(tmp_path / "c" / "val", "src.txt")
+    assert val_c != val and not set(val_c) & set(members(tmp_path / "c" / "train", "src.txt"))
+    frac = write_shards(src, tmp_path / "f", [8], val=0.2, **kw)  # round(0.2 * 42) = 8
+    assert frac["val"]["params"]["assigned"] == 8 and frac["train"]["params"]["assigned"] == 34
+    assert frac["val"]["params"]["val"] == 0.2
+
+    dm = ShardDataModule(path=str(tmp_path / "a"), resolution=8, num_workers=0)
+    assert dm.manifest == ms["train"] and dm.val_manifest == ms["val"]
+    n_val = sum(len(b["index"]) for b in dm.eval_dataloader(split="val", batch_size=4))
+    assert n_val == ms["val"]["count"]
+
+    assert (
+        main([str(src), str(tmp_path / "cli"), "--res", "8", "--val", "10", "--workers", "1", "--quiet"]) == 0
+    )
+    text = capsys.readouterr().out
+    assert f"train: wrote {ms['train']['count']} samples at [8] into 1 shards" in text
+    assert (
+        f"in {tmp_path / 'cli' / 'val'}" in text
+        and "val: 10 of 42 inputs listed were assigned to it (VAL=10, VAL_SEED=0)" in text
+    )
+    short = 10 - ms["val"]["count"]
+    assert (f"val is {short} short" in text) == (short > 0)
+    assert members(tmp_path / "cli" / "val", "src.txt") == val  # the same choice (another shard size)
+
+
+def test_split_class_folders_hold_out_every_class(tmp_path):
+    src = tmp_path / "src"
+    tiny_folder(src, 60, classes=["a_cats", "b_dogs", "c_owls"])  # sorted: 20 cats, then dogs, then owls
+    ms = write_shards(src, tmp_path / "out", [8], labels="folders", val=15, workers=1, progress=False)
+    assert ms["val"]["count"] == 15 and ms["train"]["count"] == 45
+    assert ms["val"]["labels"] == ms["train"]["labels"] == ["a_cats", "b_dogs", "c_owls"]
+    cls = [int(c) for c in members(tmp_path / "out" / "val", "cls")]
+    assert sorted(set(cls)) == [0, 1, 2] and cls == sorted(cls)  # uniform choice, not the first 15 files
+    srcs = members(tmp_path / "out" / "val", "src.txt")
+    assert [s.split("/")[0] for s in srcs] == [["a_cats", "b_dogs", "c_owls"][c] for c in cls]
+    _, labels = read_all(tmp_path / "out" / "train", 8)
+    assert sorted(set(labels)) == [0, 1, 2] and len(labels) == 45
+
+
+def test_split_bad_values_and_layouts(tmp_path, capsys):
+    src = tmp_path / "src"
+    tiny_folder(src, 12)
+    kw = {"workers": 1, "progress": False}
+    x = tmp_path / "x"
+    for bad, shown in (
+        (0, "got 0"),
+        (1.5, "got 1.5"),
+        (-3, "got -3"),
+        ("abc", "got 'abc'"),
+        (0.0, "got 0.0"),
+    ):
+        with pytest.raises(
+            ValueError, match=rf"VAL must be a count \(an int >= 1\) or a fraction in \(0, 1\), {shown}"
+        ):
+            write_shards(src, x, [8], val=bad, **kw)
+    with pytest.raises(ValueError, match=r"VAL=12 must be less than the 12 inputs listed in SRC"):
+        write_shards(src, x, [8], val=12, **kw)
+    with pytest.raises(
+        ValueError, match=r"VAL=0.01 of the 12 inputs listed in SRC holds out 0 \(expected 1 to 11\)"
+    ):
+        write_shards(src, x, [8], val=0.01, **kw)
+    with pytest.raises(ValueError, match="VAL_SEED must be a non-negative int, got -1"):
+        write_shards(src, x, [8], val=2, val_seed=-1, **kw)
+    with pytest.raises(ValueError, match="VAL_SEED=3 given without VAL"):
+        write_shards(src, x, [8], val_seed=3, **kw)
+    assert not x.exists()
+    for args, msg in (
+        (
+            ["--val", "1.5"],
+            "argument --val: VAL must be a count (an int >= 1) or a fraction in (0, 1), got 1.5",
+        ),
+        (["--val", "ten"], "VAL must be a count (an int >= 1) or a fraction in (0, 1), got 'ten'"),
+        (
+            ["--val", "2", "--val-seed", "x"],
+            "argument --val-seed: VAL_SEED must be a non-negative int, got 'x'",
+        ),
+        (["--val-seed", "3"], "VAL_SEED=3 given without VAL"),
+    ):
+        with pytest.raises(SystemExit):
+            main([str(src), str(x), "--res", "8", "--quiet", *args])
+        assert msg in capsys.readouterr().err
+    assert main([str(src), str(x), "--res", "8", "--val", "20", "--quiet"]) == 2
+    assert "VAL=20 must be less than the 12 inputs" in capsys.readouterr().err
+
+    # an unsplit set in OUT: a split write is refused without FORCE, then replaces only the tool's files
+    out = tmp_path / "out"
+    write_shards(src, out, [8], shard_size=5, **kw)
+    (out / "notes.txt").write_text("mine")
+    with pytest.raises(FileExistsError, match=rf"OUT {out} holds an unsplit shard set .*3 shards.*FORCE=1"):
+        write_shards(src, out, [8], val=3, **kw)
+    assert (out / "manifest.json").exists()
+    ms = write_shards(src, out, [8], val=3, force=True, **kw)
+    assert sorted(p.name for p in out.iterdir()) == ["notes.txt", "train", "val"]
+    assert ShardDataModule(path=str(out)).val_manifest == ms["val"]
+    write_shards(src, out, [8], val=3, **kw)  # the same split set again: an update, allowed
+    with pytest.raises(FileExistsError, match=r"different shard set \(params.val_seed: 0 -> 1\).*FORCE=1"):
+        write_shards(src, out, [8], val=3, val_seed=1, **kw)
+    with pytest.raises(
+        FileExistsError, match=r"different shard set \(params.assigned: 9 -> 8, params.val: 3 -> 4"
+    ):
+        write_shards(src, out, [8], val=4, **kw)
+    # ... and the reverse: an unsplit write over a split set
+    with pytest.raises(FileExistsError, match=rf"OUT {out} holds a split shard set .*train.*val.*FORCE=1"):
+        write_shards(src, out, [8], **kw)
+    m = write_shards(src, out, [8], force=True, **kw)
+    assert sorted(p.name for p in out.iterdir()) == ["manifest.json", "notes.txt", "shard-000000.tar"]
+    assert ShardDataModule(path=str(out)).val_manifest is None and read_manifest(out) == m
+
+    other = tmp_path / "other"
+    other.mkdir()
+    (other / "thesis.pdf").write_text("precious")
+    with pytest.raises(FileExistsError, match="not empty and holds no shard set"):
+        write_shards(src, other, [8], val=3, **kw)
