@@ -14,8 +14,9 @@ help:  ## the targets, one line each
 	@echo "make exp [EXP=name|path.yaml] [ARGS=\"k=v ...\"] [RUN=runs/<exp>/<name>]  train (or resume) an experiment"
 	@echo "make test / make test-all                         the fast suite / every test (slow, DDP, fault injection)"
 	@echo "make bench                                        side-by-side benchmarks (ratios)"
-	@echo "make shards SRC=folder OUT=folder RES=64,256 ...   image folder -> WebDataset shards"
-	@echo "make sample RUN=... N=...  /  make eval RUN=... N=...  samples / metrics of a trained run"
+	@echo "make shards SRC=folder OUT=folder RES=64,256 [VAL=1000|0.05] ...  image folder -> WebDataset shards (VAL: + held-out val split)"
+	@echo "make sample RUN=... [N=50000]                      EMA samples of a trained run, resumable chunks"
+	@echo "make eval RUN=... [N=] [REF=]                      its metrics with spreads and floors (default: as in training)"
 	@echo "make board [LOGDIR=runs] [PORT=6006]              TensorBoard on 127.0.0.1"
 	@echo "make lint / make format                           ruff"
 
@@ -57,22 +58,25 @@ format: install
 
 # Image folder -> WebDataset shards + manifest (README "Datasets"; python -m datamodules.write_shards -h):
 #   make shards SRC=/data/ffhq OUT=data/ffhq RES=64,256 [LABELS=folders] [FILTER=lanczos] [ALLOW_UPSCALE=1]
-#               [WORKERS=8] [FORCE=1]
+#               [WORKERS=8] [FORCE=1] [VAL=1000 | VAL=0.05] [VAL_SEED=0]
+# VAL holds out a seeded random count / fraction of the images: OUT/train/ and OUT/val/, one shard set each.
 .PHONY: shards
 shards: install
 	$(PY) -m datamodules.write_shards "$(SRC)" "$(OUT)" --res "$(RES)" --labels $(or $(LABELS),none) \
 		--filter $(or $(FILTER),lanczos) $(if $(filter 1,$(ALLOW_UPSCALE)),--allow-upscale) \
-		$(if $(WORKERS),--workers $(WORKERS)) $(if $(filter 1,$(FORCE)),--force)
+		$(if $(WORKERS),--workers $(WORKERS)) $(if $(filter 1,$(FORCE)),--force) \
+		$(if $(VAL),--val "$(VAL)") $(if $(VAL_SEED),--val-seed "$(VAL_SEED)")
 
 # Standalone sampling and evaluation of a trained run (README "Evaluation"; python -m experiments sample -h):
 #   make sample RUN=runs/quickstart/default N=50000 [ARGS="--format png --steps 100 --workers 2"]
-#   make eval   RUN=runs/quickstart/default N=50000 [REF=shard/folder | stats.npz] [ARGS="--kid --prc"]
+#   make eval   RUN=runs/quickstart/default [N=...] [REF=shard/folder | stats.npz] [ARGS="--kid --prc"]
+#   (make eval with RUN only: the run's own evaluation settings, reproducing its final_metrics.json)
 RUN ?=
-N ?= 50000
+N ?=
 REF ?=
 .PHONY: sample eval
 sample: install
-	$(PY) -m experiments sample "$(RUN)" --n $(N) $(ARGS)
+	$(PY) -m experiments sample "$(RUN)" --n $(or $(N),50000) $(ARGS)
 
 eval: install
-	$(PY) -m experiments eval "$(RUN)" --n $(N) $(if $(REF),--ref "$(REF)") $(ARGS)
+	$(PY) -m experiments eval "$(RUN)" $(if $(N),--n $(N)) $(if $(REF),--ref "$(REF)") $(ARGS)

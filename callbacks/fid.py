@@ -1,4 +1,4 @@
-"""Evaluation during training: FID, multi-scale SWD and spectral distance of EMA samples (DESIGN.md §5).
+"""Evaluation during training: FID, multi-scale SWD and spectral distance of EMA samples (docs/evaluation.md).
 
 ``Evaluate`` (alias ``FIDCallback``) samples ``n`` images with the EMA weights every
 ``every_n_steps`` optimiser steps and at the end of training, and compares them with real images:
@@ -13,13 +13,18 @@
 - ``eval/spectral``: RAPS log-distance between the mean spectra of the samples and the real images.
 - optional ``eval/kid``, ``eval/precision``, ``eval/recall`` (torch-fidelity; these keep features).
 
-Fair-comparison rules made explicit: the reference statistics of the first ``ref_n`` real images of
-``split`` come from one exact pass over the data (``datamodule.eval_dataloader``) and are cached on
-disk under a key of (split manifest checksum, resolution, ref_n, extractor with its weights' sha256,
-resize); generation is sharded over DDP ranks by position in one global list of per-sample seeds
+Fair-comparison rules made explicit: the reference is a seeded random subset of ``ref_n`` real
+images of ``split`` (``callbacks.reference``: one exact pass, cached on disk under a key of the split
+manifest checksum, resolution, ref_n, subset seed, extractor with its weights' sha256 and resize);
+every record names the reference actually used (``ref_path``, ``ref_split``: ``train`` when no val
+split exists, ``ref_manifest``, ``ref_n``, ``ref_seed``). Each weight-free metric comes with its
+real-vs-real floor at the same n (``floor``, from two disjoint real subsets, cached with the
+reference) and a bootstrap spread over the samples (``spread``; ``bootstrap`` resamplings).
+Generation is sharded over DDP ranks by position in one global list of per-sample seeds
 (rank r takes positions r::world_size), so the sample set does not depend on the world size; the
 EMA weights are always used. Every evaluation is logged with its n, sampler and NFE as TensorBoard
-hparams and appended to ``<run>/eval/metrics.jsonl``; the last one also goes to
+hparams (beside the run's own hyper-parameters, ``trainer.logger.hparams``) and appended to
+``<run>/eval/metrics.jsonl``; the last one also goes to
 ``<run>/final_metrics.json`` and, with ``panel``, ``<run>/samples_vs_real.png`` shows the evaluated
 samples beside the real ones (the quickstart uses this instead of sampling the same seeds twice).
 The Inception network lives here, never in the module's ``state_dict``. It only calls
@@ -38,10 +43,10 @@ import lightning as L
 import torch
 from lightning.pytorch.loggers import TensorBoardLogger
 
-from callbacks.reference import NFECounter, reference_stats, split_manifest  # noqa: F401  (re-exported)
+from callbacks.reference import NFECounter, describe_floor, load_reference, split_manifest  # noqa: F401
 from freqdiff.analysis.images import make_grid, save_png, side_by_side
 from freqdiff.config import check_args
-from freqdiff.metrics.evaluator import SetStats, add_generated, all_reduce_stats, compare
+from freqdiff.metrics.evaluator import SetStats, add_generated, all_reduce_stats, bootstrap_spread, compare
 from freqdiff.metrics.fid import (
     RESIZE,
     InceptionFeatures,
@@ -59,6 +64,9 @@ class Evaluate(L.Callback):
         n: int = 10000,  # generated samples (seeds seed .. seed + n - 1)
         ref_n: int | None = None,  # real images for the reference (None: n; capped at the split size)
         split: str = "train",  # real split of the reference: "train" (FID convention) or "val"
+        ref_seed: int = 0,  # seed of the random reference subset (and of the floor's second subset)
+        floor: bool = True,  # real-vs-real floors of the weight-free metrics (needs 2 ref_n real images)
+        bootstrap: int = 10,  # resamplings for the spread of the weight-free metrics (0 or 1: none)
         seed: int = 0,  # first sample seed
         steps: int | None = None,  # sampler steps (None: the module's default)
         eta: float | None = None,  # sampler eta (None: the module's default)
@@ -80,7 +88,13 @@ class Evaluate(L.Callback):
             raise ValueError(f"fid={fid!r}: expected 'auto', true or false")
         if (kid or prc) and fid is False:
             raise ValueError("kid / prc need the Inception features: set fid=true or 'auto'")
-        check_args("a non-negative integer", every_n_steps=every_n_steps, swd_n=swd_n, panel=panel)
+        check_args(
+            "a non-negative integer",
+            every_n_steps=every_n_steps,
+            swd_n=swd_n,
+            panel=panel,
+            bootstrap=bootstrap,
+        )
         check_args("a positive integer", n=n, batch_size=batch_size, upscale=upscale, swd_patches=swd_patches)
         check_args("a positive integer", allow_none=True, ref_n=ref_n, steps=steps)
         if n < 2:
@@ -89,6 +103,7 @@ class Evaluate(L.Callback):
             raise ValueError(f"split={split!r}: expected 'train' or 'val'")
         self.every_n_steps, self.at_end, self.n, self.ref_n = every_n_steps, at_end, int(n), ref_n
         self.split, self.seed, self.steps, self.eta, self.batch_size = split, seed, steps, eta, batch_size
+        self.ref_seed, self.floor, self.bootstrap = int(ref_seed), bool(floor), int(bootstrap)
         self.fid, self.weights, self.spectral = fid, weights, spectral
         self.swd_n = int(swd_n) if swd else 0
         self.swd_opts = {"min_res": swd_min_res, "patches_per_image": swd_patches}
@@ -97,6 +112,7 @@ class Evaluate(L.Callback):
         self._extractor: InceptionFeatures | None = None
         self._use_fid = False
         self._ref: SetStats | None = None
+        self._floor: dict[str, Any] | None = None
         self._ref_ready = False
         self._last_step = -1
         self.history: list[dict[str, Any]] = []
@@ -163,8 +179,7 @@ class Evaluate(L.Callback):
                 warnings.warn(
                     f"Evaluate: the {self.split} split holds {count} images; ref_n = {ref_n}", stacklevel=2
                 )
-            cache = StatsCache(self.cache_dir)
-            self._ref, hit = reference_stats(
+            ref = load_reference(
                 dm,
                 self.split,
                 ref_n,
@@ -172,14 +187,23 @@ class Evaluate(L.Callback):
                 self.spectral,
                 self.swd_n,
                 self.kid or self.prc,
-                cache,
+                StatsCache(self.cache_dir),
+                seed=self.ref_seed,
+                floor=self.floor_options(),
+                bootstrap=self.bootstrap,
                 batch_size=self.batch_size,
                 rank=trainer.global_rank,
                 world_size=trainer.world_size,
             )
-            self._ref_info = {"ref_split": self.split, "ref_n": ref_n, "ref_cache": "hit" if hit else "miss"}
+            self._ref, self._ref_info, self._floor = ref.stats, ref.info, ref.floor
             self._ref_ready = True
         return self._ref
+
+    def floor_options(self) -> dict[str, Any] | None:
+        """The metric settings of the floor (None: no floor; {} without SWD: spectral only)."""
+        if not self.floor:
+            return None
+        return dict(self.swd_opts) if self.swd_n else {}
 
     @torch.no_grad()
     def evaluate(self, trainer, pl_module, final: bool = False) -> dict[str, Any] | None:
@@ -188,7 +212,13 @@ class Evaluate(L.Callback):
         t0 = time.perf_counter()
         ref = self.reference(trainer, pl_module)
         extractor = self._extractor_for(pl_module.device)
-        gen = SetStats(extractor, spectra=self.spectral, swd_n=self.swd_n, keep_features=self.kid or self.prc)
+        gen = SetStats(
+            extractor,
+            spectra=self.spectral,
+            swd_n=self.swd_n,
+            keep_features=self.kid or self.prc,
+            keep_raps=self.bootstrap > 1,
+        )
         seeds = list(range(self.seed, self.seed + self.n))
         net = pl_module.net_for_sampling(True) if hasattr(pl_module, "net_for_sampling") else None
         counter, first = NFECounter(net), [True]
@@ -214,6 +244,8 @@ class Evaluate(L.Callback):
             kid={} if self.kid else None,
             prc={} if self.prc else None,
         )
+        swd = self.swd_opts if self.swd_n else None
+        spread = bootstrap_spread(gen, ref, swd=swd, reps=self.bootstrap, seed=self.seed)
         record = {
             "step": trainer.global_step,
             "n": gen.n,
@@ -228,6 +260,8 @@ class Evaluate(L.Callback):
             "swd_n": min(self.swd_n, gen.n) if self.swd_n else 0,
             "seconds": round(time.perf_counter() - t0, 2),
             "metrics": metrics,
+            "spread": spread,
+            **floor_fields(self._floor),
         }
         self._log(trainer, record, final)
         return record
@@ -241,12 +275,15 @@ class Evaluate(L.Callback):
 
     def _log(self, trainer, record: dict[str, Any], final: bool) -> None:
         scalars = {f"eval/{k}": float(v) for k, v in record["metrics"].items()}
+        scalars.update({f"eval/floor/{k}": float(v) for k, v in (record.get("floor") or {}).items()})
         hp = {
-            f"eval/{k}": record[k]
-            for k in ("n", "ref_n", "ref_split", "sampler", "nfe", "weights", "extractor")
+            f"eval/{k}": record.get(k)
+            for k in ("n", "ref_n", "ref_split", "ref_path", "sampler", "nfe", "weights", "extractor")
         }
         hp = {k: ("none" if v is None else v) for k, v in hp.items()}
         logger = trainer.logger
+        run_hp = dict(getattr(logger, "hparams", None) or {})  # the run's own settings (the runner logs them)
+        hp = {**{k: v for k, v in run_hp.items() if isinstance(v, (str, int, float, bool))}, **hp}
         if isinstance(logger, TensorBoardLogger):
             logger.log_hyperparams(hp, metrics=scalars, step=record["step"])  # scalars at this step + hparams
             logger.experiment.add_text(
@@ -259,11 +296,10 @@ class Evaluate(L.Callback):
         (run_dir / "eval").mkdir(parents=True, exist_ok=True)
         with open(run_dir / "eval" / "metrics.jsonl", "a") as f:
             f.write(json.dumps(record) + "\n")
-        m = record["metrics"]
         if final:
             self._write_final(run_dir, record)
             self._write_panel(trainer)
-        text = ", ".join(f"{k} {v:.4g}" for k, v in m.items())
+        text = describe_floor(record["metrics"], record["spread"], self._floor)
         print(
             f"eval @ step {record['step']} (n={record['n']}, {record['sampler']}, NFE {record['nfe']}): "
             f"{text} "
@@ -282,7 +318,9 @@ class Evaluate(L.Callback):
         img = side_by_side(
             {
                 f"samples (EMA, step {trainer.global_step})": make_grid(to_float(gen), upscale=self.upscale),
-                f"real ({self.split})": make_grid(to_float(real), upscale=self.upscale),
+                f"real ({self._ref_info['ref_split']}, random)": make_grid(
+                    to_float(real), upscale=self.upscale
+                ),
             }
         )
         save_png(img, Path(trainer.default_root_dir) / "samples_vs_real.png")
@@ -299,6 +337,13 @@ class Evaluate(L.Callback):
         tmp = run_dir / "final_metrics.json.tmp"
         tmp.write_text(json.dumps(summary, indent=2))
         tmp.replace(run_dir / "final_metrics.json")
+
+
+def floor_fields(floor: dict[str, Any] | None) -> dict[str, Any]:
+    """The record fields of a reference's floor: ``floor``, ``floor_spread``, ``floor_n``."""
+    if not floor:
+        return {"floor": None, "floor_spread": None, "floor_n": None}
+    return {"floor": floor["metrics"], "floor_spread": floor.get("spread", {}), "floor_n": floor["n"]}
 
 
 FIDCallback = Evaluate

@@ -1,4 +1,4 @@
-"""The DataLoaders of ``ShardDataModule`` (DESIGN.md §4 Data): a fixed number of training batches per
+"""The DataLoaders of ``ShardDataModule`` (docs/architecture.md, Data): a fixed number of training batches per
 pass with a new epoch seed each pass, and one exact evaluation pass; both check the bad data at the end.
 """
 
@@ -30,7 +30,7 @@ class EpochLoader(wds.WebLoader):
             persistent_workers=False,  # fresh workers per pass see the new epoch
             pin_memory=torch.cuda.is_available(),
         )
-        self.with_epoch(n_batches)  # counts batches on the loader (PLATFORM.md)
+        self.with_epoch(n_batches)  # counts batches on the loader (docs/platform.md)
         self.stream, self.n_batches, self._epoch_fn, self.full_pass = stream, n_batches, epoch, full_pass
 
     def __len__(self) -> int:
@@ -57,8 +57,7 @@ class EvalLoader(DataLoader):
         s, w = self.stream, max(1, self.num_workers)
         if s.pad:
             return w * s.batches_per_worker(w)
-        consumers = s.world_size * w
-        sizes = [(j + 1) * s.total // consumers - j * s.total // consumers for j in range(consumers)]
+        sizes = s.consumer_sizes(s.world_size * w)
         return sum(-(-n // s.batch_size) for n in sizes[s.rank * w : (s.rank + 1) * w])
 
     def __iter__(self) -> Iterator[dict[str, torch.Tensor]]:

@@ -1,6 +1,6 @@
 """Shard streams: tar members -> checked samples -> ``[-1, 1]`` batches, split over ranks and workers.
 
-Used by ``ShardDataModule`` (DESIGN.md §4 Data). Every sample has a global index (its position in
+Used by ``ShardDataModule`` (docs/architecture.md, "Data"). Every sample has a global index (its position in
 the manifest's shard order); a *consumer* is one DataLoader worker of one rank, ``j = rank * W +
 worker`` of ``C = world_size * W``. Work is handed out as *units*, ranges of positions inside one
 shard, read with random access (``tarfile`` mode ``r:`` seeks over members it does not need).
@@ -58,14 +58,28 @@ class Unit:
 
 
 # -------------------------------------------------------------------- reading
-def read_unit(unit: Unit, wanted: tuple[str, ...], health: Health) -> Iterator[tuple[int, dict[str, Any]]]:
+def read_unit(
+    unit: Unit,
+    wanted: tuple[str, ...],
+    health: Health,
+    select: np.ndarray | None = None,  # sorted global indices: read only these (None: all)
+) -> Iterator[tuple[int, dict[str, Any]]]:
     """Samples at positions ``lo .. hi - 1`` of a shard: ``(global index, {suffix: bytes})``.
 
-    Members ``<key>.<suffix>`` are grouped by key; only ``wanted`` suffixes are read. Samples the
+    Members ``<key>.<suffix>`` are grouped by key; only ``wanted`` suffixes are read, and with
+    ``select`` only the selected samples (the others are skipped over, never read). Samples the
     shard should hold but does not deliver (unopenable, truncated) are reported to ``health`` as
     missing, all at once when the shard ends; the consumer counts the delivered ones as it decodes them.
     """
     shard, lo, hi = unit.shard, unit.lo, unit.hi
+    keep = None
+    if select is not None:
+        keep = set(_selected(select, shard.start + lo, shard.start + hi).tolist())
+        if not keep:
+            return
+    stop = hi if keep is None else max(keep) - shard.start + 1  # position after the last one read
+    end = shard.start + shard.count  # one past the shard's last global index
+    expected = min(hi, shard.count) - lo if keep is None else sum(i < end for i in keep)
     got, pos, key, cur, error = 0, -1, None, None, None
     try:
         with tarfile.open(shard.url, "r:") as tf:
@@ -78,10 +92,11 @@ def read_unit(unit: Unit, wanted: tuple[str, ...], health: Health) -> Iterator[t
                         got += 1
                         yield shard.start + pos, cur
                     key, pos = k, pos + 1
-                    if pos >= hi:
+                    if pos >= stop:
                         cur = None
                         break
-                    cur = {"__key__": k} if pos >= lo else None
+                    take = pos >= lo and (keep is None or shard.start + pos in keep)
+                    cur = {"__key__": k} if take else None
                 if cur is not None and suffix in wanted:
                     cur[suffix] = tf.extractfile(ti).read()
                 tf.members = []  # positions are counted here; do not keep every header
@@ -90,7 +105,7 @@ def read_unit(unit: Unit, wanted: tuple[str, ...], health: Health) -> Iterator[t
                 yield shard.start + pos, cur
     except (tarfile.TarError, OSError, EOFError) as e:
         error = f"{type(e).__name__}: {e}"
-    missing = min(hi, shard.count) - lo - got
+    missing = expected - got
     if missing > 0:
         why = error or f"it ends after {max(pos + 1, 0)} of {shard.count} samples (truncated?)"
         health.add_missing(missing, f"shard {shard.url} positions {lo}..{hi - 1}: {why}")
@@ -185,6 +200,11 @@ def _worker() -> tuple[int, int]:
 
 def _wanted(resolutions: list[int], labels: bool) -> tuple[str, ...]:
     return tuple(f"{r}.png" for r in resolutions) + (("cls",) if labels else ())
+
+
+def _selected(select: np.ndarray, a: int, b: int) -> np.ndarray:
+    """The entries of a sorted index array in ``[a, b)``."""
+    return select[np.searchsorted(select, a) : np.searchsorted(select, b)]
 
 
 # -------------------------------------------------------------------- splitting
@@ -293,22 +313,37 @@ class EvalStream(IterableDataset):
         world_size: int,  # number of ranks
         pad: bool,  # equal numbers of full batches everywhere, with "mask"
         health: Health,  # bad-sample accounting
+        select: np.ndarray | None = None,  # global indices to read (a subset; None: all)
     ):
         super().__init__()
+        if select is not None:
+            if pad:
+                raise ValueError("EvalStream: select and pad cannot be combined")
+            select = np.unique(np.asarray(select, dtype=np.int64))
+            if select.size and (select[0] < 0 or select[-1] >= total):
+                raise ValueError(f"EvalStream: selected indices must lie in [0, {total})")
         self.shards, self.total, self.resolutions = shards, total, resolutions
         self.channels, self.labels, self.batch_size = channels, labels, batch_size
         self.rank, self.world_size, self.pad, self.health = rank, world_size, pad, health
+        self.select = select
 
     def batches_per_worker(self, num_workers: int) -> int:
         """With ``pad``: the batches every worker of every rank yields (the largest share, rounded up)."""
         return math.ceil(math.ceil(self.total / (self.world_size * num_workers)) / self.batch_size)
+
+    def consumer_sizes(self, consumers: int) -> list[int]:
+        """Samples (selected ones with ``select``) in each consumer's global range."""
+        cuts = [j * self.total // consumers for j in range(consumers + 1)]
+        if self.select is None:
+            return [b - a for a, b in zip(cuts, cuts[1:])]
+        return [len(_selected(self.select, a, b)) for a, b in zip(cuts, cuts[1:])]
 
     def __iter__(self) -> Iterator[dict[str, torch.Tensor]]:
         worker, num_workers = _worker()
         consumers, j = self.world_size * num_workers, self.rank * num_workers + worker
         wanted = _wanted(self.resolutions, self.labels)
         units = eval_units(self.shards, self.total, consumers, j)
-        items = itertools.chain.from_iterable(read_unit(u, wanted, self.health) for u in units)
+        items = itertools.chain.from_iterable(read_unit(u, wanted, self.health, self.select) for u in units)
         rows, index, n_batches = [], [], 0
         for i, sample in items:
             try:

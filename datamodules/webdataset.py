@@ -1,4 +1,6 @@
-"""ShardDataModule: WebDataset tar shards -> ``[-1, 1]`` image batches for every method (DESIGN.md §4).
+"""ShardDataModule: WebDataset tar shards -> ``[-1, 1]`` image batches for every method.
+
+The data layer is described in docs/architecture.md, "Data".
 
 Where the data is (``path``; see ``sources.py``): a folder written by ``make shards`` (its
 ``manifest.json``), a folder with ``train/`` and ``val/`` shard sets (the dead-leaves layout), a
@@ -188,8 +190,12 @@ class ShardDataModule(L.LightningDataModule):
         batch_size: int | None = None,  # None: the training batch size
         pad: bool = False,  # equal full batches on every rank, with batch["mask"]
         num_workers: int | None = None,  # None: the training num_workers
+        select: Any = None,  # global indices to read (a subset of the split; None: all of it)
     ) -> EvalLoader:
-        """One exact pass over a split: each sample once across all ranks and workers (module docstring)."""
+        """One exact pass over a split: each sample once across all ranks and workers (module docstring).
+
+        With ``select`` only those samples are read and decoded (the others are skipped over).
+        """
         name = self._split_name(split)
         rank, world_size = self.rank_and_world()
         workers = self.num_workers if num_workers is None else int(num_workers)
@@ -206,6 +212,7 @@ class ShardDataModule(L.LightningDataModule):
             world_size=world_size,
             pad=pad,
             health=health,
+            select=None if select is None else np.asarray(select, dtype=np.int64),
         )
         return EvalLoader(stream, num_workers=workers)
 
@@ -241,6 +248,43 @@ class ShardDataModule(L.LightningDataModule):
         if not imgs:
             return torch.empty(0, self.channels, self.resolution, self.resolution)
         return to_float(np.stack(imgs))
+
+    def images_at(self, indices: Any, split: str = "val") -> tuple[torch.Tensor, torch.Tensor]:
+        """The readable images of global ``indices`` of a split, in the order given: ``(images, indices)``.
+
+        ``images [k, C, H, W]`` in [-1, 1] at the primary resolution; unreadable ones are skipped
+        (counted as bad) and missing from both outputs. Only the wanted samples are read.
+        """
+        name = self._split_name(split)
+        s = self._splits[name]
+        want = np.asarray(indices, dtype=np.int64).reshape(-1)
+        if want.size and (want.min() < 0 or want.max() >= s.manifest["count"]):
+            raise ValueError(f"indices must lie in [0, {s.manifest['count']}) for {s.where}")
+        health = Health("real", self.max_bad_fraction)
+        wanted, select = (f"{self.resolution}.png",), np.unique(want)
+        units = eval_units(s.shards, s.manifest["count"], 1, 0)
+        found: dict[int, np.ndarray] = {}
+        for i, sample in itertools.chain.from_iterable(read_unit(u, wanted, health, select) for u in units):
+            try:
+                found[i] = decode(sample, [self.resolution], self.channels, False)[0][0]
+                health.add_good(1)
+            except ValueError as e:
+                health.add_bad(1, f"sample {i} (key {sample['__key__']}): {e}")
+        order = [int(i) for i in want if int(i) in found]
+        if not order:
+            return torch.empty(0, self.channels, self.resolution, self.resolution), torch.zeros(
+                0, dtype=torch.long
+            )
+        return to_float(np.stack([found[i] for i in order])), torch.tensor(order, dtype=torch.long)
+
+    def split_info(self, split: str) -> dict[str, Any]:
+        """What a split request reads: ``{"split": the split used, "path": where, "manifest": ...}``.
+
+        ``split="val"`` without a val split resolves to train (with a warning), and says so here.
+        """
+        name = self._split_name(split)
+        s = self._splits[name]
+        return {"split": name, "path": s.where, "manifest": s.manifest}
 
     def rank_and_world(self) -> tuple[int, int]:
         """(global rank, world size): the Trainer's, else torch.distributed's, else RANK / WORLD_SIZE."""

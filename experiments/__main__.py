@@ -3,7 +3,8 @@
 (experiments/pipeline.py), ``python -m experiments resume RUN [key=value ...]`` (``make exp RUN=...``:
 resume a run folder from its saved config; only resumable keys such as ``trainer.max_steps`` may be given),
 ``python -m experiments sample RUN [--n N ...]`` (``make sample``) and
-``python -m experiments eval RUN [--n N] [--ref REF ...]`` (``make eval``; see experiments/evaluate.py).
+``python -m experiments eval RUN [--n N] [--ref REF ...]`` (``make eval``; see experiments/evaluate.py:
+with no options a run is evaluated exactly as its own Evaluate callback did).
 
 ``DRY=1`` prints the resolved config as the run will use it and exits, writing nothing: a
 ``data.resolution: null`` is read from the manifest at ``data.path`` (else the synthetic generator's
@@ -97,12 +98,19 @@ def _add_sample_eval(sub) -> None:
     ):
         p = sub.add_parser(name, help=text)
         p.add_argument("run", help="run folder (runs/<experiment>/<name>) or a .ckpt")
-        p.add_argument("--n", type=int, default=50000, help="number of samples (default 50000)")
-        p.add_argument("--seed", type=int, default=0, help="first per-sample seed (seeds seed..seed+n-1)")
+        own = " (default: the run's Evaluate callback's, else %s)"
+        if name == "sample":
+            p.add_argument("--n", type=int, default=50000, help="number of samples (default 50000)")
+            p.add_argument("--seed", type=int, default=0, help="first per-sample seed (seeds seed..seed+n-1)")
+            p.add_argument("--batch-size", type=int, default=64, help="seeds per sampler call")
+            p.add_argument("--chunk", type=int, default=1000, help="seeds per resumable chunk")
+        else:
+            p.add_argument("--n", type=int, default=None, help="number of samples" + own % 50000)
+            p.add_argument("--seed", type=int, default=None, help="first per-sample seed" + own % 0)
+            p.add_argument("--batch-size", type=int, default=None, help="seeds per sampler call" + own % 64)
+            p.add_argument("--chunk", type=int, default=None, help="seeds per resumable chunk (~1000)")
         p.add_argument("--steps", type=int, default=None, help="sampler steps (default: the module's)")
         p.add_argument("--eta", type=float, default=None, help="sampler eta (default: the module's)")
-        p.add_argument("--batch-size", type=int, default=64, help="seeds per sampler call")
-        p.add_argument("--chunk", type=int, default=1000, help="seeds per resumable chunk")
         p.add_argument("--workers", type=int, default=None, help="processes (default: local GPUs, else 1)")
         p.add_argument("--precision", default=None, help="bf16-mixed | 16-mixed | 32 (default: the run's)")
         p.add_argument("--out", default=None, help="output folder (sample) or JSON path (eval)")
@@ -113,19 +121,30 @@ def _add_sample_eval(sub) -> None:
             p.add_argument(
                 "--ref", default=None, help="shard folder or .npz (mu, sigma); default: the run's data"
             )
-            p.add_argument("--ref-split", choices=("train", "val"), default="train", help="reference split")
-            p.add_argument("--ref-n", type=int, default=None, help="reference images (default: n, capped)")
+            p.add_argument(
+                "--ref-split", choices=("train", "val"), default=None, help="split" + own % "train"
+            )
+            p.add_argument("--ref-n", type=int, default=None, help="reference images" + own % "n, capped")
+            p.add_argument("--ref-seed", type=int, default=None, help="reference subset seed" + own % 0)
             p.add_argument(
                 "--fid",
                 choices=("auto", "true", "false"),
-                default="auto",
-                help="auto: FID when Inception weights are found; true: fail without them",
+                default=None,
+                help="auto: FID when Inception weights are found; true: fail without them" + own % "auto",
             )
             p.add_argument("--weights", default=None, help="Inception weights file")
-            p.add_argument("--swd-n", type=int, default=2048, help="images per set for SWD (0: off)")
-            p.add_argument("--swd-min-res", type=int, default=16, help="coarsest SWD pyramid level")
-            p.add_argument("--kid", action="store_true", help="also KID (keeps features)")
-            p.add_argument("--prc", action="store_true", help="also precision / recall (keeps features)")
+            p.add_argument(
+                "--swd-n", type=int, default=None, help="images per set for SWD, 0: off" + own % 2048
+            )
+            p.add_argument("--swd-min-res", type=int, default=None, help="coarsest SWD level" + own % 16)
+            p.add_argument("--swd-patches", type=int, default=None, help="SWD patches per image" + own % 128)
+            p.add_argument(
+                "--bootstrap", type=int, default=None, help="resamplings for the spread" + own % 10
+            )
+            p.add_argument("--no-floor", action="store_true", help="skip the real-vs-real floors")
+            p.add_argument("--panel", type=int, default=None, help="samples in the PNG, 0: none" + own % 64)
+            p.add_argument("--kid", action="store_true", help="also KID (keeps features; Inception weights)")
+            p.add_argument("--prc", action="store_true", help="also precision / recall (Inception weights)")
             p.add_argument("--cache-dir", default=None, help="reference statistics cache")
 
 
@@ -149,18 +168,23 @@ def _sample_eval(args) -> int:
         if args.cmd == "sample":
             sample_run(args.run, fmt=args.format, **common)
         else:
-            fid = {"auto": "auto", "true": True, "false": False}[args.fid]
+            fid = {"auto": "auto", "true": True, "false": False, None: None}[args.fid]
             evaluate_run(
                 args.run,
                 ref=args.ref,
                 ref_split=args.ref_split,
                 ref_n=args.ref_n,
+                ref_seed=args.ref_seed,
                 fid=fid,
                 weights=args.weights,
                 swd_n=args.swd_n,
                 swd_min_res=args.swd_min_res,
-                kid=args.kid,
-                prc=args.prc,
+                swd_patches=args.swd_patches,
+                bootstrap=args.bootstrap,
+                floor=False if args.no_floor else None,
+                panel=args.panel,
+                kid=args.kid or None,
+                prc=args.prc or None,
                 cache_dir=args.cache_dir,
                 **common,
             )

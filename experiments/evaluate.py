@@ -1,4 +1,4 @@
-"""Standalone sampling and evaluation of a trained run: ``make sample`` / ``make eval`` (DESIGN.md §5).
+"""Standalone sampling and evaluation of a trained run: ``make sample`` / ``make eval`` (docs/evaluation.md).
 
 ``sample_run``: ``n`` images with the EMA weights and per-sample seeds ``seed .. seed + n - 1``,
 written in chunks of ``chunk`` seeds to ``<run>/generated/<tag>/`` as ``chunk_NNNNNN.npz`` (uint8
@@ -9,14 +9,19 @@ chunks that exist.
 
 ``evaluate_run``: the metrics of ``n`` such samples against a reference (``callbacks.fid``): FID
 (when Inception weights are found, or always with ``fid=True``), SWD per pyramid level, spectral
-distance, optional KID and precision/recall. Images come from the sample chunks when they exist and
-are generated otherwise. After every chunk a worker saves its streaming statistics
+distance, optional KID and precision/recall; each weight-free metric with its bootstrap spread and
+its real-vs-real floor at the same n (``callbacks.reference``). With no arguments a run is evaluated
+with its own ``Evaluate`` callback's settings and reproduces its ``final_metrics.json``
+(``eval_options``). Images come from the sample chunks when they exist and are generated otherwise.
+After every chunk a worker saves its streaming statistics
 (``<run>/eval/<tag>-n<n>.state/<what>/part-*.pt`` with the chunks they cover; ``<what>`` hashes the
-extractor, SWD subset, kept features and chunk size), so an interrupted
-evaluation resumes, even with another number of workers. The result is ``<run>/eval/<tag>-n<n>.json``.
-The reference (``ref``): the run's own data (``ref_split``, first ``ref_n`` images, cached
-statistics), a shard folder, or an ``.npz`` with Inception ``mu`` and ``sigma`` (FID only; its
-resize and weights must match for the number to mean anything).
+extractor, SWD subset, kept features and chunk size), so an interrupted evaluation resumes, even with
+another number of workers. The result is ``<run>/eval/<record_name>.json`` (named by everything that
+changes the numbers) and, with ``panel``, a ``.png`` of the same name: samples beside real images.
+The reference (``ref``): the run's own data (``ref_split``, a seeded random subset of ``ref_n``
+images, cached statistics), a shard folder, or an ``.npz`` with Inception ``mu`` and ``sigma`` (FID
+only; its resize and weights must match for the number to mean anything). The record names it:
+``ref_path``, ``ref_split`` (the split read), ``ref_manifest``, ``ref_n``, ``ref_seed``.
 
 Workers: one process per local GPU (or ``workers`` CPU processes sharing the cores), each taking
 chunks ``w::W``; with one worker everything runs in this process. The reference statistics are
@@ -32,16 +37,17 @@ import uuid
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from callbacks.reference import NFECounter, reference_stats
+from callbacks.fid import floor_fields
+from callbacks.reference import NFECounter, describe_floor
 from experiments.chunks import chunk_path, read_chunk, write_chunk  # noqa: F401  (re-exported)
+from experiments.eval_options import DEFAULTS, record_name, resolve_options
+from experiments.eval_reference import build_reference, write_panel
 from freqdiff.checkpoints import load_run, read_checkpoint, run_folder
-from freqdiff.config import instantiate
-from freqdiff.metrics.evaluator import SetStats, compare, quantize
-from freqdiff.metrics.fid import FeatureStats, InceptionFeatures, StatsCache, inception_available
+from freqdiff.metrics.evaluator import SetStats, bootstrap_spread, compare, quantize
+from freqdiff.metrics.fid import InceptionFeatures, InceptionWeightsNotFound, inception_available
 
 
 # -------------------------------------------------------------------- settings shared by both commands
@@ -198,89 +204,116 @@ def _generate(
 # -------------------------------------------------------------------- eval
 def evaluate_run(
     run: str,  # run folder (or checkpoint)
-    n: int = 50000,  # generated images
+    n: int | None = None,  # generated images
     ref: str | None = None,  # None: the run's data; a shard folder; or an .npz with mu, sigma
-    ref_split: str = "train",  # split of the run's data / shard folder
+    ref_split: str | None = None,  # split of the run's data / shard folder
     ref_n: int | None = None,  # real images (None: n, capped at the split size)
-    seed: int = 0,  # first seed
+    ref_seed: int | None = None,  # seed of the random reference subset
+    seed: int | None = None,  # first seed
     steps: int | None = None,  # sampler steps
     eta: float | None = None,  # sampler eta
-    batch_size: int = 64,  # seeds per sample() call, images per feature batch
-    chunk: int = 1000,  # seeds per resumable unit
+    batch_size: int | None = None,  # seeds per sample() call, images per feature batch
+    chunk: int | None = None,  # seeds per resumable unit (None: ~1000, a multiple of batch_size)
     workers: int | None = None,  # processes (None: local GPUs, else 1)
     precision: str | None = None,  # None: the run's trainer.precision
-    fid: bool | str = "auto",  # True | "auto" | False
+    fid: bool | str | None = None,  # True | "auto" | False
     weights: str | None = None,  # Inception weights file
-    swd_n: int = 2048,  # images per set for SWD (0: off)
-    swd_min_res: int = 16,  # coarsest SWD pyramid level
-    kid: bool = False,
-    prc: bool = False,
+    swd_n: int | None = None,  # images per set for SWD (0: off)
+    swd_min_res: int | None = None,  # coarsest SWD pyramid level
+    swd_patches: int | None = None,  # descriptors per image and level
+    kid: bool | None = None,
+    prc: bool | None = None,
+    bootstrap: int | None = None,  # resamplings for the spread (0: none)
+    floor: bool | None = None,  # real-vs-real floors of the weight-free metrics
     cache_dir: str | None = None,  # reference statistics cache
-    out: str | None = None,  # JSON path (None: <run>/eval/<tag>-n<n>.json)
+    panel: int | None = None,  # samples in <record>.png beside as many real images (0: none)
+    out: str | None = None,  # JSON path (None: <run>/eval/<record_name>.json)
     progress: bool = True,
 ) -> dict[str, Any]:
-    """Compute the metrics (module docstring); returns the record written to the JSON."""
-    use_fid = fid is True or (fid == "auto" and inception_available(weights))
-    if fid == "auto" and not use_fid:
+    """Compute the metrics (module docstring); None means the run's own setting (eval_options)."""
+    given = {k: v for k, v in locals().items() if k in DEFAULTS}
+    module, cfg = _load(run, torch.device("cpu"))
+    o, source = resolve_options(cfg, given)
+    use_fid = _use_fid(o)
+    if (o["kid"] or o["prc"]) and not use_fid:  # before any sampling
+        raise InceptionWeightsNotFound(
+            "KID and precision/recall use Inception features, and no Inception weights were found: "
+            "put the torch-fidelity file where README 'Evaluation' says, or pass --weights FILE "
+            "(or drop --kid / --prc)"
+        )
+    if o["fid"] == "auto" and not use_fid:
         print("eval: no Inception weights found, FID off (see README 'Evaluation' for where to put them)")
     device = _device_for(0, 1)
-    module, cfg = _load(run, torch.device("cpu"))
-    s = sampler_settings(module, run, cfg, steps, eta, precision)
-    tag = tag_for(s, seed)
-    extractor = InceptionFeatures(weights).to(device) if use_fid else None
-    keep = kid or prc
-    ref_stats, ref_info = _reference(
-        cfg, ref, ref_split, ref_n, n, extractor, swd_n, keep, cache_dir, batch_size
-    )
-    res = ref_info.pop("resolution")  # the reference's image side (None for an .npz)
+    s = sampler_settings(module, run, cfg, o["steps"], o["eta"], precision)
+    tag = tag_for(s, o["seed"])
+    extractor = InceptionFeatures(o["weights"]).to(device) if use_fid else None
+    keep, swd_n, bs = o["kid"] or o["prc"], int(o["swd_n"]), int(o["batch_size"])
+    chunk = chunk or bs * -(-1000 // bs)  # batches as in training: the same numerics
+    swd_opts = {"min_res": o["swd_min_res"], "patches_per_image": o["swd_patches"]} if swd_n else None
+    reference, res = build_reference(cfg, ref, o, extractor, swd_opts, keep, bs, progress)
+    print(f"eval: settings from {source}; reference {reference.info}")
 
     eval_dir = run_folder(run) / "eval"
+    name = record_name(tag, o, ref, use_fid)
     # partial statistics depend on what is accumulated, and on the chunking: both name the folder
-    what = {
-        "extractor": None if extractor is None else extractor.name,
-        "swd_n": swd_n,
-        "keep": keep,
-        "chunk": chunk,
-    }
+    what = {"extractor": getattr(extractor, "name", None), "swd_n": swd_n, "keep": keep, "chunk": chunk}
+    what["raps"] = o["bootstrap"] > 1
     digest = hashlib.sha256(json.dumps(what, sort_keys=True).encode()).hexdigest()[:10]
-    state_dir = eval_dir / f"{tag}-n{n}.state" / digest
+    state_dir = eval_dir / f"{tag}-n{o['n']}.state" / digest
     state_dir.mkdir(parents=True, exist_ok=True)
-    ranges = chunk_ranges(n, chunk)
+    ranges = chunk_ranges(o["n"], chunk)
     done = _done_chunks(state_dir)
     todo = [c for c in range(len(ranges)) if c not in done]
-    print(f"eval: {n} samples ({tag}); {len(todo)} of {len(ranges)} chunks to do; reference {ref_info}")
+    print(f"eval: {o['n']} samples ({tag}); {len(todo)} of {len(ranges)} chunks to do")
     samples_dir = run_folder(run) / "generated" / tag
-    opts = dict(
-        fid=use_fid, weights=weights, swd_n=swd_n, keep=keep, batch_size=batch_size, progress=progress
-    )
+    opts = dict(fid=use_fid, weights=o["weights"], swd_n=swd_n, keep=keep, batch_size=bs)
+    opts.update(progress=progress, raps=what["raps"])
     if todo:
         w = min(workers or default_workers(), len(todo))
-        _run_workers(_eval_worker, w, (run, state_dir, samples_dir, ranges, seed, s, todo, res, opts))
-    gen = _merge_parts(state_dir, len(ranges), extractor, swd_n, keep)
-    metrics = compare(
-        gen,
-        ref_stats,
-        swd={"min_res": swd_min_res} if swd_n else None,
-        kid={} if kid else None,
-        prc={} if prc else None,
-    )
+        _run_workers(_eval_worker, w, (run, state_dir, samples_dir, ranges, o["seed"], s, todo, res, opts))
+    gen = _merge_parts(state_dir, len(ranges), extractor, swd_n, keep, what["raps"])
+    kid_prc = dict(kid={} if o["kid"] else None, prc={} if o["prc"] else None)
+    metrics = compare(gen, reference.stats, swd=swd_opts, **kid_prc)
+    spread = bootstrap_spread(gen, reference.stats, swd=swd_opts, reps=o["bootstrap"], seed=o["seed"])
     record = {
         "run": str(run),
         "n": gen.n,
         **s,
-        "seed": seed,
+        "seed": o["seed"],
         "nfe": _nfe(module, s, device),
-        **ref_info,
+        **reference.info,
         "extractor": None if extractor is None else extractor.name,
         "resize": None if extractor is None else extractor.resize,
         "swd_n": min(swd_n, gen.n),
         "metrics": metrics,
+        "spread": spread,
+        **floor_fields(reference.floor),
     }
-    path = Path(out) if out else eval_dir / f"{tag}-n{n}.json"
+    path = Path(out) if out else eval_dir / f"{name}.json"
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(record, indent=2))
-    print("eval: " + ", ".join(f"{k} {v:.4g}" for k, v in metrics.items()) + f"\nwrote {path}")
+    if o["panel"]:
+        write_panel(gen, reference, int(o["panel"]), path.with_suffix(".png"), s["step"])
+    print("eval: " + describe_floor(metrics, spread, reference.floor) + f"\nwrote {path}")
     return record
+
+
+def _use_fid(o: dict[str, Any]) -> bool:
+    return o["fid"] is True or (o["fid"] == "auto" and inception_available(o["weights"]))
+
+
+def record_path(run: str, **kwargs: Any) -> Path:
+    """Where ``evaluate_run(run, **kwargs)`` writes its record (nothing is computed)."""
+    if kwargs.get("out"):
+        return Path(kwargs["out"])
+    module, cfg = load_run(run, map_location="cpu")
+    o, _ = resolve_options(cfg, {k: v for k, v in kwargs.items() if k in DEFAULTS})
+    s = sampler_settings(module, run, cfg, o["steps"], o["eta"], kwargs.get("precision"))
+    return (
+        run_folder(run)
+        / "eval"
+        / f"{record_name(tag_for(s, o['seed']), o, kwargs.get('ref'), _use_fid(o))}.json"
+    )
 
 
 def _nfe(module, s: dict, device: torch.device) -> int | None:
@@ -294,49 +327,13 @@ def _nfe(module, s: dict, device: torch.device) -> int | None:
     return c.calls
 
 
-def _reference(cfg, ref, ref_split, ref_n, n, extractor, swd_n, keep, cache_dir, batch_size):
-    spectra = True
-    if ref is not None and str(ref).endswith(".npz"):
-        if extractor is None:
-            raise ValueError(
-                f"reference {ref} holds Inception statistics: FID needs weights (fid=true / --weights)"
-            )
-        with np.load(ref) as z:
-            if "mu" not in z or "sigma" not in z:
-                raise ValueError(f"reference {ref}: expected arrays 'mu' and 'sigma', found {list(z.keys())}")
-            mu, sigma = torch.from_numpy(z["mu"]), torch.from_numpy(z["sigma"])
-            count = int(z["n"]) if "n" in z else 50000
-        stats = SetStats(extractor, spectra=False)
-        stats.fid = FeatureStats.from_moments(mu, sigma, count)
-        stats.n = count
-        return stats, {"ref": str(ref), "ref_n": count, "ref_cache": "npz", "resolution": None}
-    if ref is None:
-        dm = instantiate(cfg.data, "data", num_workers=min(int(cfg.data.get("num_workers", 0)), 4))
-        where = "the run's data"
-    else:
-        from datamodules.webdataset import ShardDataModule
-
-        dm = ShardDataModule(
-            path=str(ref), resolution=cfg.data.get("resolution"), batch_size=batch_size, num_workers=2
-        )
-        where = str(ref)
-    dm.prepare_data()
-    dm.setup()
-    count = (dm.val_manifest or dm.manifest)["count"] if ref_split == "val" else dm.manifest["count"]
-    m = min(ref_n or n, count)
-    cache = StatsCache(cache_dir)
-    stats, hit = reference_stats(
-        dm, ref_split, m, extractor, spectra, swd_n, keep, cache, batch_size=batch_size
-    )
-    info = {"ref": where, "ref_split": ref_split, "ref_n": m, "ref_cache": "hit" if hit else "miss"}
-    return stats, {**info, "resolution": int(dm.resolution)}
-
-
 def _eval_worker(w, workers, run, state_dir, samples_dir, ranges, seed, s, todo, res, opts) -> None:
     device = _device_for(w, workers)
     extractor = InceptionFeatures(opts["weights"]).to(device) if opts["fid"] else None
     module = None
-    stats = SetStats(extractor, spectra=True, swd_n=opts["swd_n"], keep_features=opts["keep"])
+    stats = SetStats(
+        extractor, spectra=True, swd_n=opts["swd_n"], keep_features=opts["keep"], keep_raps=opts["raps"]
+    )
     part = state_dir / f"part-{uuid.uuid4().hex[:12]}.pt"
     mine, covered = todo[w::workers], []
     bar = tqdm(
@@ -376,14 +373,13 @@ def _done_chunks(state_dir: Path) -> set[int]:
     return done
 
 
-def _merge_parts(state_dir: Path, n_chunks: int, extractor, swd_n: int, keep: bool) -> SetStats:
-    total = SetStats(extractor, spectra=True, swd_n=swd_n, keep_features=keep)
+def _merge_parts(state_dir: Path, n_chunks: int, extractor, swd_n: int, keep: bool, raps: bool) -> SetStats:
+    total = SetStats(extractor, spectra=True, swd_n=swd_n, keep_features=keep, keep_raps=raps)
     seen: list[int] = []
     for p in sorted(state_dir.glob("part-*.pt")):
         blob = torch.load(p, map_location="cpu", weights_only=True)
-        part = SetStats(extractor, spectra=True, swd_n=swd_n, keep_features=keep).load_state_dict(
-            blob["stats"]
-        )
+        part = SetStats(extractor, spectra=True, swd_n=swd_n, keep_features=keep, keep_raps=raps)
+        part.load_state_dict(blob["stats"])
         total.merge(part)
         seen += blob["chunks"]
     if sorted(seen) != list(range(n_chunks)):

@@ -106,16 +106,9 @@ def load_pipeline(exp: str, overrides: list[str] | None = None) -> tuple[DictCon
 def evaluation_done(run_dir: Path, kwargs: dict) -> Path | None:
     """The finished evaluation record of ``run_dir`` for these ``evaluate_run`` arguments, if any (its
     name holds the checkpoint steps, so a retrained stage is evaluated again)."""
-    from experiments.evaluate import sampler_settings, tag_for
-    from freqdiff.checkpoints import load_run
+    from experiments.evaluate import record_path
 
-    if kwargs.get("out"):
-        return Path(kwargs["out"]) if Path(kwargs["out"]).is_file() else None
-    module, cfg = load_run(run_dir)
-    s = sampler_settings(
-        module, str(run_dir), cfg, kwargs.get("steps"), kwargs.get("eta"), kwargs.get("precision")
-    )
-    path = run_dir / "eval" / f"{tag_for(s, int(kwargs.get('seed', 0)))}-n{int(kwargs.get('n', 50000))}.json"
+    path = record_path(str(run_dir), **kwargs)
     return path if path.is_file() else None
 
 

@@ -1,5 +1,5 @@
 """Evaluation plumbing: streaming set statistics, the reference cache, the training callbacks and the
-standalone ``sample`` / ``eval`` commands (DESIGN.md §5)."""
+standalone ``sample`` / ``eval`` commands (docs/evaluation.md)."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ import torch
 from omegaconf import OmegaConf
 from test_fid import TinyFeatures  # tests/ is on sys.path (pytest rootdir-relative imports)
 
-from callbacks.fid import reference_stats
+from callbacks.reference import load_reference, subset_order
 from freqdiff.config import instantiate, load
 from freqdiff.metrics.evaluator import SetStats, add_generated, compare, spectral_distance_from_raps
 from freqdiff.metrics.fid import INCEPTION_FILE, WEIGHTS_ENV, InceptionWeightsNotFound, StatsCache
@@ -83,8 +83,7 @@ def test_reference_cache_hits_on_the_same_key_and_misses_when_it_changes(tmp_pat
     def ref(path: Path, res: int, n: int) -> SetStats:
         dm = ShardDataModule(path=str(path), resolution=res, batch_size=6, num_workers=0)
         dm.setup()
-        stats, _ = reference_stats(dm, "train", n, net, True, 0, False, cache, batch_size=6)
-        return stats
+        return load_reference(dm, "train", n, net, True, 0, False, cache, batch_size=6).stats
 
     first = ref(a, 16, 12)
     assert (cache.hits, cache.misses) == (0, 1) and first.n == 12
@@ -105,10 +104,11 @@ def test_reference_cache_hits_on_the_same_key_and_misses_when_it_changes(tmp_pat
     assert (cache.hits, cache.misses) == (1, 4)
     assert not torch.equal(other.fid.sum, first.fid.sum)
     assert len(list((tmp_path / "cache").glob("*.pt"))) == 4
-    # the statistics are those of the first n images, read in one exact pass
+    # the statistics are those of a seeded random subset of 12 images, read in one exact pass
     direct = SetStats(net, spectra=True)
     dm = ShardDataModule(path=str(a), resolution=16, num_workers=0)
-    direct.update(dm.real_images(12, split="train"), torch.arange(12))
+    x, _ = dm.images_at(subset_order(20, 0)[:12], split="train")
+    direct.update(x, torch.arange(12))
     torch.testing.assert_close(first.fid.sum, direct.fid.sum)
 
 
@@ -206,7 +206,13 @@ def test_quickstart_callbacks_log_weight_free_metrics_and_fid(tmp_path, monkeypa
     keys = list(out["module"].state_dict())
     assert not any("inception" in k or "net.Mixed" in k for k in keys)  # the metric is not in the module
 
-    assert len(list((tmp_path / "runs" / ".cache" / "ref_stats").glob("*.pt"))) == 1  # for the next fit
+    # the reference's statistics and its real-vs-real floor, cached for the next fit
+    assert len(list((tmp_path / "runs" / ".cache" / "ref_stats").glob("*.pt"))) == 2
+    assert final["ref_split"] == "val" and final["ref_path"].endswith("val") and final["floor_n"] == 5
+    assert set(final["floor"]) == {"spectral", "swd/16", "swd/8", "swd/avg"}  # weight-free ones only
+    assert set(final["spread"]) == set(final["floor"]) and all(v > 0 for v in final["spread"].values())
+    for tag in ("eval/floor/spectral", "eval/floor/swd/16"):
+        assert tags.get(tag) == [1, 2], (tag, sorted(tags))
 
 
 def test_x0_hat_strip_runs_along_the_trajectory(tmp_path):
@@ -304,8 +310,10 @@ def test_eval_command_is_resumable_and_reuses_samples(run_dir, monkeypatch):
     m = resumed["metrics"]
     assert set(m) == {"spectral", "swd/16", "swd/8", "swd/avg"} and resumed["n"] == 10 and resumed["nfe"] == 3
     assert resumed["ref_n"] == 16 and resumed["ref_cache"] == "hit"  # the interrupted run cached it
-    saved = json.loads((run_dir / "eval" / "ema-step7-steps3-eta0.0-seed0-32-true-n10.json").read_text())
-    assert saved["metrics"] == m
+    (path,) = (run_dir / "eval").glob("ema-step7-steps3-eta0.0-seed0-32-true-n10-val16-*.json")
+    assert path == ev.record_path(str(run_dir), **kw)  # named by what changes the numbers
+    saved = json.loads(path.read_text())
+    assert saved["metrics"] == m and path.with_suffix(".png").is_file()  # with its samples-vs-real panel
 
     # from scratch, reading the samples that `sample` wrote (no sampling at all), with the cached reference
     for p in parts:
@@ -421,7 +429,8 @@ def test_ddp_generation_covers_each_seed_once_and_equals_one_process(tmp_path):
     dm = ShardDataModule(path=cfg.data.path, resolution=16, batch_size=5, num_workers=0)
     ref_one = SetStats(net, spectra=True)
     dm.setup()
-    ref_one.update(dm.real_images(12, split="train"), torch.arange(12))
+    x, _ = dm.images_at(subset_order(dm.manifest["count"], 0)[:12], split="train")
+    ref_one.update(x, torch.arange(12))
     ref_ddp = SetStats(net, spectra=True).load_state_dict(saved["ref"])
     assert ref_ddp.n == 12
     torch.testing.assert_close(ref_ddp.fid.sum, ref_one.fid.sum, rtol=1e-4, atol=1e-6)
@@ -451,7 +460,9 @@ def test_eval_command_fid_with_local_weights_and_an_npz_reference(run_dir, tmp_p
 
     dm = ShardDataModule(path=str(tmp_path / "data" / "dl16"), resolution=16, num_workers=0)
     ref = SetStats(InceptionFeatures(weights), spectra=False)
-    ref.update(dm.real_images(6, split="val"), torch.arange(6))
+    dm.setup()
+    x, _ = dm.images_at(subset_order(dm.val_manifest["count"], 0)[:6], split="val")  # the reference subset
+    ref.update(x, torch.arange(6))
     npz = tmp_path / "ref_stats.npz"
     np.savez(npz, mu=ref.fid.mean().numpy(), sigma=ref.fid.cov().numpy(), n=6)
     published = evaluate_run(str(run_dir), ref=str(npz), out=str(tmp_path / "npz.json"), **kw)

@@ -261,6 +261,6 @@ def test_sample_and_eval_accept_a_checkpoint_file(trained):
     assert list((trained / "generated").glob("*/chunk_*"))
     args = ["--n", "3", "--steps", "2", "--fid", "false", "--swd-n", "0", "--no-progress"]
     assert main(["eval", str(ckpt), *args]) == 0
-    assert list((trained / "eval").glob("*-n3.json"))
+    assert list((trained / "eval").glob("*-n3-*.json"))
     assert not (ckpt / "eval").exists() and os.path.isfile(ckpt)
     assert read_checkpoint(ckpt)["global_step"] == 4

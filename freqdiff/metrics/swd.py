@@ -121,8 +121,8 @@ def sliced_wasserstein(
     for _ in range(dir_repeats):
         dirs = torch.randn(a.shape[1], dirs_per_repeat, generator=generator).to(a)  # [D, R]
         dirs = dirs / dirs.norm(dim=0, keepdim=True)
-        pa = (a @ dirs).sort(dim=0).values  # [N, R]
-        pb = (b @ dirs).sort(dim=0).values
+        pa = (a @ dirs).t().contiguous().sort(dim=1).values  # [R, N] (rows sort ~2x faster on CPU)
+        pb = (b @ dirs).t().contiguous().sort(dim=1).values
         out.append((pa - pb).abs().mean())
     return float(torch.stack(out).mean())
 
