@@ -1,4 +1,4 @@
-"""x0_hat strips: the denoiser's clean-image estimate along the sampling trajectory (DESIGN.md §5).
+"""x0_hat strips: the denoiser's clean-image estimate along the sampling trajectory (docs/dashboards.md).
 
 For a few fixed seeds, ``X0Strip`` samples with the EMA weights and records ``x0_hat`` (the
 prediction of x0 at the current t, Ho et al. 2020 eq. 15 / the Denoiser's output) at ``frames``
@@ -9,6 +9,14 @@ autoregression"); blur and scale-space methods make the order explicit. Estimate
 resolution (Scale Space) are upsampled (nearest) to the final size. Logged as the image
 ``x0_hat_strip`` and written to ``<run>/strips/step_*.png``. It uses the samplers' ``callback``
 keyword of ``pl_module.sample``, so it works for every method whose sampler reports ``x0_hat``.
+
+Each column is captioned with what the frame is, read from the sampler's report and the process,
+with no per-method code (``frame_label``): ``t`` (the time x0_hat was predicted at); ``σ`` where
+there is one (the sampler reports it, as Relay's does, or the process has ``sigma(t)``, as EDM's);
+the state's resolution where it changes along the trajectory (Scale Space); the last column is the
+sample. The same frames, unrounded, go to TensorBoard as the text ``x0_hat_strip/frames``.
+Which steps are shown follows ``reported_steps`` of the module where it has one (Relay's truncated
+grid, Scale Space's grid with its change steps), else its ``sample_steps``.
 """
 
 from __future__ import annotations
@@ -22,7 +30,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from callbacks.samples import skip_sampling
-from freqdiff.analysis.images import make_grid, save_png
+from freqdiff.analysis.images import caption_columns, make_grid, save_png
 from freqdiff.config import check_args
 
 
@@ -33,20 +41,40 @@ def frame_steps(steps: int, frames: int) -> list[int]:
     return sorted({round(k * (steps - 1) / max(frames - 1, 1)) for k in range(frames)})
 
 
+def _sigma_of(pl_module):
+    """``t -> σ(t)`` of the module's process (None when it has no ``sigma``)."""
+    fn = getattr(getattr(pl_module, "process", None), "sigma", None)
+    if not callable(fn):
+        return None
+    return lambda t: float(fn(torch.full((1,), float(t), dtype=torch.float64, device=pl_module.device)))
+
+
 @torch.no_grad()
-def x0_hat_strip(
+def x0_hat_frames(
     pl_module, seeds: list[int], steps: int | None = None, frames: int = 8
-) -> tuple[Tensor, list]:
-    """Sample ``seeds``; returns (strip [S * (F + 1), C, H, W] row-major by seed, the t of each frame)."""
+) -> tuple[Tensor, list[dict]]:
+    """Sample ``seeds``; returns (strip [S * (F + 1), C, H, W] row-major by seed, one dict per column).
+
+    A column's dict: ``i`` (sampler step, None for the sample), ``t``, ``sigma`` (where known, else
+    absent) and ``res`` (the state's resolution after the step: what the frame was predicted at).
+    """
     n_steps = steps if steps is not None else int(getattr(pl_module, "sample_steps", 50))
     # how many steps the sampler reports (Relay's truncated grid runs fewer than it is given)
     reported = getattr(pl_module, "reported_steps", None)
     keep = set(frame_steps(reported(n_steps) if callable(reported) else n_steps, frames))
-    recorded: list[tuple[float, Tensor]] = []
+    sigma_of = _sigma_of(pl_module)
+    recorded: list[tuple[dict, Tensor]] = []
 
     def record(d: dict) -> None:
         if d["i"] in keep:
-            recorded.append((float(d["t"]), d["x0_hat"].detach().float().cpu()))
+            x0_hat = d["x0_hat"].detach().float().cpu()
+            info = {"i": int(d["i"]), "t": float(d["t"])}
+            if d.get("sigma") is not None:
+                info["sigma"] = float(d["sigma"])
+            elif sigma_of is not None:
+                info["sigma"] = sigma_of(info["t"])
+            info["res"] = int((d["x"] if isinstance(d.get("x"), Tensor) else x0_hat).shape[-1])
+            recorded.append((info, x0_hat))
 
     x = pl_module.sample(seeds, steps=n_steps, use_ema=True, callback=record).float().cpu()
     if not recorded:
@@ -55,7 +83,46 @@ def x0_hat_strip(
     cols = [F.interpolate(e, size=size, mode="nearest") if e.shape[-2:] != size else e for _, e in recorded]
     cols.append(x)
     strip = torch.stack(cols, dim=1)  # [S, F + 1, C, H, W]
-    return strip.flatten(0, 1).clamp(-1, 1), [t for t, _ in recorded] + [0.0]
+    infos = [info for info, _ in recorded] + [{"i": None, "t": 0.0, "res": int(x.shape[-1])}]
+    return strip.flatten(0, 1).clamp(-1, 1), infos
+
+
+@torch.no_grad()
+def x0_hat_strip(
+    pl_module, seeds: list[int], steps: int | None = None, frames: int = 8
+) -> tuple[Tensor, list]:
+    """Sample ``seeds``; returns (strip [S * (F + 1), C, H, W] row-major by seed, the t of each frame)."""
+    strip, infos = x0_hat_frames(pl_module, seeds, steps, frames)
+    return strip, [info["t"] for info in infos]
+
+
+def _num(v: float) -> str:
+    """Short text of a number for a caption: 3 significant digits, no exponent in [0.001, 1000)."""
+    if v == 0 or 1e-3 <= abs(v) < 1e3:
+        return f"{v:.3g}" if abs(v) >= 1 else f"{v:.3f}".rstrip("0").rstrip(".") or "0"
+    return f"{v:.2g}"
+
+
+def frame_label(info: dict, show_res: bool = False) -> str:
+    """A column's caption: ``t=0.98`` / ``σ=12.3`` / ``8²`` lines, or ``sample`` for the last column."""
+    lines = ["sample"] if info.get("i") is None else [f"t={_num(info['t'])}"]
+    if info.get("i") is not None and "sigma" in info:
+        lines.append(f"σ={_num(info['sigma'])}")
+    if show_res:
+        lines.append(f"{info['res']}²")
+    return "\n".join(lines)
+
+
+def frames_text(infos: list[dict]) -> str:
+    """The frames as a Markdown table (TensorBoard's text ``x0_hat_strip/frames``)."""
+    sig = any("sigma" in f for f in infos)
+    head = ["column", "sampler step", "t"] + (["σ"] if sig else []) + ["resolution"]
+    rows = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for c, f in enumerate(infos):
+        cells = [str(c), "sample" if f["i"] is None else str(f["i"]), f"{f['t']:.6g}"]
+        cells += [f"{f['sigma']:.6g}" if "sigma" in f else ""] if sig else []
+        rows.append("| " + " | ".join(cells + [f"{f['res']}²"]) + " |")
+    return "\n".join(rows)
 
 
 class X0Strip(L.Callback):
@@ -78,19 +145,28 @@ class X0Strip(L.Callback):
         self._last = -1
 
     def strip(self, trainer, pl_module) -> np.ndarray:
+        return self.labelled_strip(trainer, pl_module)[0]
+
+    def labelled_strip(self, trainer, pl_module) -> tuple[np.ndarray, list[dict]]:
+        """(the captioned grid, uint8 [H, W, 3]; the frames' dicts of ``x0_hat_frames``)."""
         with trainer.precision_plugin.forward_context():
-            x, _ = x0_hat_strip(pl_module, self.seeds, self.steps, self.frames)
-        return make_grid(x, nrow=x.shape[0] // len(self.seeds), upscale=self.upscale)
+            x, infos = x0_hat_frames(pl_module, self.seeds, self.steps, self.frames)
+        grid = make_grid(x, nrow=len(infos), upscale=self.upscale)
+        show_res = len({f["res"] for f in infos}) > 1
+        labels = [frame_label(f, show_res) for f in infos]
+        return caption_columns(grid, labels, cell_w=x.shape[-1] * self.upscale), infos
 
     def _write(self, trainer, pl_module) -> None:
         if skip_sampling(pl_module, "X0Strip"):
             return
         step = trainer.global_step
         self._last = step
-        grid = self.strip(trainer, pl_module)
+        grid, infos = self.labelled_strip(trainer, pl_module)
         exp = getattr(trainer.logger, "experiment", None)
         if exp is not None and hasattr(exp, "add_image"):
             exp.add_image("x0_hat_strip", grid, step, dataformats="HWC")
+        if exp is not None and hasattr(exp, "add_text"):
+            exp.add_text("x0_hat_strip/frames", frames_text(infos), step)
         save_png(grid, Path(trainer.default_root_dir) / "strips" / f"step_{step:07d}.png")
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:

@@ -1,14 +1,16 @@
-"""The composition root: config -> data, module, callbacks, trainer; run folders; resume (DESIGN.md §3, §6).
+"""The composition root: config -> data, module, callbacks, trainer; run folders; resume
+(docs/architecture.md, "Layers" and "Checkpoints").
 
 Run folder: ``<run.root>/<experiment>/<run.name>/`` holds ``config.yaml`` (the resolved config),
-TensorBoard events, ``checkpoints/last.ckpt`` and ``samples/``. Running the same experiment again
+TensorBoard events, ``hparams.yaml`` (the run's settings, ``experiments/hparams.py``; docs/dashboards.md),
+``checkpoints/last.ckpt`` and ``samples/``. Running the same experiment again
 resumes from ``last.ckpt``; a config that differs from the saved one is refused, naming the keys,
 except keys that may change on resume (``RESUMABLE_KEYS``). ``run.resume=false`` starts over under a
 new name (``default-2``, ``default-3``, ...).
 
 ``data.resolution: null`` is decided before anything is built, from a read-only peek at the data
 (``resolve_data``: the manifest at ``data.path``, else the synthetic generator's settings), so
-``--dry`` and the real run agree. The terminal (DESIGN.md §6): a short header and one progress
+``--dry`` and the real run agree. The terminal: a short header and one progress
 line (``callbacks/progress.py``) instead of Lightning's bar and model summary; ``quiet_libraries``
 (called by the command line) silences library messages that do not matter to the user, in one place.
 """
@@ -40,6 +42,7 @@ from callbacks.checkpoint import (
     StopOnDivergence,
 )
 from callbacks.progress import ProgressLine, RunHeader
+from experiments.hparams import log_run_hparams
 from experiments.rundir import (  # noqa: F401  (re-exported for scripts and tests)
     RESUMABLE_KEYS,
     config_diff,
@@ -152,7 +155,11 @@ def build_trainer(cfg: DictConfig, run_dir: Path, extra_callbacks: list) -> L.Tr
     progress = [ProgressLine()] if kwargs.pop("enable_progress_bar", True) else []
     kwargs.setdefault("enable_model_summary", False)  # RunHeader prints the parameter counts
     # events straight into the run folder (an experiment name may have several parts: relay/stage1)
-    logger = TensorBoardLogger(save_dir=str(run_dir.parent), name="", version=str(cfg.run.name))
+    # (no hp_metric -1 series: the run's hparams are logged by log_run_hparams, the hparams summary with
+    # metrics by the evaluation)
+    logger = TensorBoardLogger(
+        save_dir=str(run_dir.parent), name="", version=str(cfg.run.name), default_hp_metric=False
+    )
     ckpt_dir = run_dir / "checkpoints"
     checkpointing = [
         ModelCheckpoint(
@@ -284,6 +291,7 @@ def run(cfg: DictConfig, callbacks: list | None = None, data_note: str = "") -> 
     trainer = build_trainer(cfg, run_dir, cbs + list(callbacks or []))
     if trainer.is_global_zero:
         write_atomic(run_dir / "config.yaml", OmegaConf.to_yaml(cfg, resolve=True))
+    log_run_hparams(trainer, cfg, module)  # logger.hparams and <run>/hparams.yaml
     trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path, weights_only=True)
     complete_final_outputs(trainer, module)
     if trainer.is_global_zero:

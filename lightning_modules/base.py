@@ -1,8 +1,10 @@
-"""DiffusionModule: what every method shares (DESIGN.md §2, "LightningModules stay thin").
+"""DiffusionModule: what every method shares (docs/architecture.md, "Layers": a method's quirks stay in
+its own files).
 
 Owns the Denoiser, an explicit EMA copy of it, AdamW with linear LR warm-up, and the logging every
-method gets: ``train/loss``, ``train/loss_t{q}`` (per time quartile q = 0..3), ``perf/img_per_s``,
-``perf/kimg``. A method subclass implements two hooks:
+method gets (docs/dashboards.md): ``train/loss``, ``train/loss_t{q}`` (per time quartile q = 0..3),
+``train/lr`` (per param group, ``train/lr/<group>``, if several), ``train/grad_norm``,
+``perf/img_per_s``, ``perf/kimg``. A method subclass implements two hooks:
 
 - ``loss(x0, labels) -> (loss [B], t [B])``: per-sample training loss and the times drawn;
 - ``sample(seeds, ...) -> images [B, C, H, W]`` in [-1, 1], with EMA weights by default.
@@ -24,6 +26,13 @@ decisions, e.g. one resolution per global batch). Resuming with another world si
 stream well defined: ranks that existed draw what they would have drawn, new ranks get new streams
 (the global batch then differs from the uninterrupted run's, as the data split does). At the start
 of training the global torch RNG (dropout) is reseeded per rank as well.
+
+``train/grad_norm`` is the total L2 norm of all gradients of the optimiser's parameters, taken in
+``on_before_optimizer_step``: after the backward of the last micro-batch (DDP has all-reduced them,
+AMP's scaler has unscaled them; under bf16-mixed they are the fp32 parameters' grads) and before
+Lightning clips them, so it is the norm ``gradient_clip_val`` acts on (``clip_grad_norm_``'s return
+value). It and ``train/lr`` are computed only on the steps Lightning writes to the logger (every
+``trainer.log_every_n_steps``): the other steps pay no norm kernels and no device→host sync.
 """
 
 from __future__ import annotations
@@ -150,6 +159,20 @@ class DiffusionModule(L.LightningModule):
         self._pending_images, self._micro = 0, 0
         self.nimg += batch_images
         self._update_ema(batch_images)
+
+    def on_before_optimizer_step(self, optimizer) -> None:
+        """``train/lr`` and ``train/grad_norm`` (unclipped) on the steps the logger writes."""
+        trainer = self.trainer
+        connector = getattr(trainer, "_logger_connector", None)
+        if not trainer.loggers or not getattr(connector, "should_update_logs", True):
+            return
+        groups = optimizer.param_groups
+        for i, group in enumerate(groups):
+            tag = "train/lr" if len(groups) == 1 else f"train/lr/{group.get('name', i)}"
+            self.log(tag, float(group["lr"]), batch_size=1)
+        grads = [p.grad for group in groups for p in group["params"] if p.grad is not None]
+        if grads:
+            self.log("train/grad_norm", torch.nn.utils.get_total_norm(grads, 2.0), batch_size=1)
 
     def on_train_batch_end(self, outputs, batch, batch_idx) -> None:
         batch_images = batch["x0"].shape[0] * self.trainer.world_size

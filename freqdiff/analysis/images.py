@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import functools
+import importlib.util
 import math
+from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
 import torch
-from PIL import Image, ImageDraw
+from PIL import Image, ImageDraw, ImageFont
 from torch import Tensor
 
 
@@ -50,6 +53,54 @@ def side_by_side(panels: dict[str, np.ndarray], gap: int = 12, title_h: int = 16
         draw.text((x + 2, 2), label, fill=(0, 0, 0))
         x += p.shape[1] + gap
     return np.asarray(canvas)
+
+
+# where PIL's default font has no glyph (it draws a box): ASCII stand-ins
+ASCII_FALLBACK = {"σ": "s", "²": "px", "→": "->", "×": "x"}
+
+
+@functools.cache
+def caption_font(size: int) -> tuple[ImageFont.FreeTypeFont | ImageFont.ImageFont, bool]:
+    """(a font of ``size`` px, whether it has Greek and superscripts): DejaVu Sans, which matplotlib
+    (a dependency) ships, else PIL's default font (ASCII only)."""
+    spec = importlib.util.find_spec("matplotlib")
+    for root in (spec.submodule_search_locations or []) if spec else []:
+        path = Path(root) / "mpl-data" / "fonts" / "ttf" / "DejaVuSans.ttf"
+        if path.is_file():
+            try:
+                return ImageFont.truetype(str(path), size), True
+            except OSError:  # no FreeType in this Pillow
+                break
+    return ImageFont.load_default(size=size), False
+
+
+def caption_columns(
+    grid: np.ndarray, labels: Sequence[str], cell_w: int, pad: int = 1, pad_value: int = 255
+) -> np.ndarray:
+    """``grid`` (``make_grid``'s: columns ``cell_w`` wide, ``pad`` apart) with a caption band above it:
+    ``labels[c]`` (lines split at ``"\n"``) centred over column c, at a size that follows the cell
+    (10 px for a 64-px cell, 9..20 px), smaller where a line is wider than the cell, and clipped to
+    the column (never running into its neighbour). Without a Unicode font, ``ASCII_FALLBACK``."""
+    size = max(9, min(20, cell_w // 6))
+    font, unicode_ok = caption_font(size)
+    text_of = str if unicode_ok else lambda t: "".join(ASCII_FALLBACK.get(ch, ch) for ch in t)
+    lines = [[text_of(line) for line in str(label).split("\n")] for label in labels]
+    line_h = size + 3
+    n_lines = max((len(ls) for ls in lines), default=0)
+    band = Image.new("RGB", (grid.shape[1], pad + line_h * n_lines), (pad_value,) * 3)
+    for c, ls in enumerate(lines):
+        cell = Image.new("RGB", (cell_w, band.height), (pad_value,) * 3)
+        draw = ImageDraw.Draw(cell)
+        for k, text in enumerate(ls):
+            f = font
+            for smaller in range(size - 1, 6, -1):  # shrink a line that does not fit
+                if draw.textlength(text, font=f) <= cell_w - 2:
+                    break
+                f = caption_font(smaller)[0]
+            w = draw.textlength(text, font=f)
+            draw.text((max(1, (cell_w - w) / 2), pad + k * line_h), text, fill=(0, 0, 0), font=f)
+        band.paste(cell, (pad + c * (cell_w + pad), 0))
+    return np.concatenate([np.asarray(band), grid], axis=0)
 
 
 def save_png(img: np.ndarray, path: str | Path) -> Path:
