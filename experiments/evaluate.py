@@ -347,10 +347,11 @@ def _eval_worker(w, workers, run, state_dir, samples_dir, ranges, seed, s, todo,
         a, b = ranges[c]
         seeds = list(range(seed + a, seed + b))
         x = read_chunk(samples_dir, c, seeds) if samples_dir.is_dir() else None
-        if x is None:
+        generated = x is None
+        if generated:  # the bar follows sampling (the slow part), batch by batch
             if module is None:
                 module, _ = _load(run, device)
-            x = _generate(module, seeds, s, opts["batch_size"], device)
+            x = _generate(module, seeds, s, opts["batch_size"], device, bar)
         if res is not None and x.shape[-1] != res:
             raise ValueError(
                 f"samples are {x.shape[-1]}² but the reference is {res}² (give --ref at {x.shape[-1]}²)"
@@ -358,7 +359,8 @@ def _eval_worker(w, workers, run, state_dir, samples_dir, ranges, seed, s, todo,
         for i in range(0, x.shape[0], opts["batch_size"]):
             xb = x[i : i + opts["batch_size"]].to(device)
             stats.update(xb, torch.arange(a + i, a + i + xb.shape[0]))
-            bar.update(xb.shape[0])
+            if not generated:  # samples read from disk: the bar follows the metric pass
+                bar.update(xb.shape[0])
         covered.append(c)
         tmp = part.with_suffix(".tmp")
         torch.save({"chunks": covered, "stats": stats.state_dict()}, tmp)
