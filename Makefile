@@ -21,7 +21,7 @@ help:  ## the targets, one line each
 	@echo "make lint / make format                           ruff"
 
 # Install once: torch==2.13.0 first (a local CPU wheel here), then the project with the same pin as a
-# constraint so that no dependency can pull another torch. Re-runs only when pyproject.toml changes.
+# constraint so that no dependency can pull another torch. Re-runs when pyproject.toml or constraints.txt change.
 install: $(STAMP)
 $(STAMP): pyproject.toml constraints.txt
 	@test -x $(PY) || python3 -m venv $(VENV)

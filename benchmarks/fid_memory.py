@@ -1,4 +1,5 @@
-"""Memory of FID statistics against the number of images n: streaming sums vs kept features (DESIGN.md §5).
+"""Memory of FID statistics against the number of images n: streaming sums vs kept features
+(docs/architecture.md, Callbacks).
 
 Each case runs in a fresh interpreter (peak RSS, ``ru_maxrss``, is per process): n images of 32²
 (generated batch by batch, never all held) go through a cheap 2048-d feature map (a fixed random

@@ -1,4 +1,5 @@
-"""Inception throughput of our FID pipeline against torch-fidelity's own, on the same images (DESIGN.md §5).
+"""Inception throughput of our FID pipeline against torch-fidelity's own, on the same images
+(docs/architecture.md, Callbacks).
 
 Ours: ``SetStats`` (uint8 quantisation, torch-fidelity's ``FeatureExtractorInceptionV3`` with the
 TF1-bilinear resize, float64 streaming sums) over both sets, then ``compare`` (Fréchet distance).

@@ -3,7 +3,7 @@
 One step = forward + eps-style MSE loss + backward + AdamW step, batch 64, for the ``tiny`` and ``small``
 presets at 16² and 32². The two precisions share the net and the optimiser and are timed interleaved
 (alternating which goes first), each sample a few steps long, median of several samples after warm-up,
-so the bf16/fp32 ratio is measured under the same machine conditions. PLATFORM.md has reference numbers.
+so the bf16/fp32 ratio is measured under the same machine conditions. docs/platform.md has reference numbers.
 """
 
 from __future__ import annotations

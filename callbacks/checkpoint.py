@@ -1,4 +1,5 @@
-"""Checkpoint plumbing: atomic writes and the resolved config inside every checkpoint (DESIGN.md §3, §6).
+"""Checkpoint plumbing: atomic writes and the resolved config inside every checkpoint
+(docs/architecture.md, Checkpoints).
 
 - ``AtomicCheckpointIO``: writes ``<path>.tmp`` then ``os.replace``s it, so a run killed while saving
   never leaves a truncated ``last.ckpt``.

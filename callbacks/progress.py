@@ -1,4 +1,5 @@
-"""What a training run prints: a short header at the start and one progress line (DESIGN.md §6).
+"""What a training run prints: a short header at the start and one progress line
+(docs/architecture.md, Callbacks).
 
 The runner adds both callbacks to every run (``RunHeader`` always, ``ProgressLine`` when
 ``trainer.enable_progress_bar`` is true; Lightning's own bar and model summary are then off):

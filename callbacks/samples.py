@@ -1,4 +1,4 @@
-"""Sample grids during training and a samples-beside-real PNG at the end (DESIGN.md §5).
+"""Sample grids during training and a samples-beside-real PNG at the end (docs/architecture.md, Callbacks).
 
 ``SampleGrid`` samples with the EMA weights and fixed seeds (so grids are comparable over time)
 every ``every_n_steps`` optimiser steps, and logs them to TensorBoard (``samples``) and as PNGs under

@@ -1,8 +1,10 @@
-"""Data (DESIGN.md §4): WebDataset shard sets with manifests, read by one ShardDataModule for every method.
+"""Data (docs/architecture.md, Data): WebDataset shard sets with manifests, read by one ShardDataModule
+for every method.
 
 - ``manifest.py``: the manifest format, a deterministic tar-shard writer, PNG encode / decode.
 - ``write_shards.py``: image folder -> shards (``make shards``): centre crop, resize filter, several
   resolutions per sample, labels from class folders, bad inputs skipped and listed.
+- ``splits.py``: the seeded train / val assignment of ``make shards VAL=`` (disjoint, deterministic).
 - ``sources.py``: where a shard set is (folder, manifest, brace / glob pattern); missing shards.
 - ``streams.py``: rank x worker splitting, seeded training stream, exact evaluation pass.
 - ``health.py``: bad-data counts shared by a rank's workers and the stopping rule (a 99 % lower

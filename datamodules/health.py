@@ -1,4 +1,4 @@
-"""Bad-data accounting of the shard streams (DESIGN.md §4 Data): counts, warnings, the stopping rule.
+"""Bad-data accounting of the shard streams (docs/architecture.md, Data): counts, warnings, the stopping rule.
 
 A sample whose PNG does not decode or has the wrong size or label is skipped with a
 :class:`CorruptDataWarning`; a shard that cannot be opened, or ends early (truncated), counts every

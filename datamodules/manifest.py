@@ -1,4 +1,4 @@
-"""Shard-set manifests and a deterministic tar-shard writer (DESIGN.md §4 Data).
+"""Shard-set manifests and a deterministic tar-shard writer (docs/architecture.md, Data).
 
 Every dataset, real or synthetic, is a folder of WebDataset tar shards plus one ``manifest.json``:
 

@@ -1,4 +1,5 @@
-"""Where a shard set is: a folder, a manifest file, or a brace / glob pattern of tar files (DESIGN.md §4).
+"""Where a shard set is: a folder, a manifest file, or a brace / glob pattern of tar files
+(docs/architecture.md, Data).
 
 ``find_splits(path, val_path)`` resolves the ``path`` of ``ShardDataModule``:
 - a folder with ``train/manifest.json`` (and optionally ``val/manifest.json``): the layout the

@@ -1,4 +1,5 @@
-"""The embedded default dataset: a dead-leaves model written as WebDataset shards (DESIGN.md §4).
+"""The embedded default dataset: a dead-leaves model written as WebDataset shards
+(docs/architecture.md, Data).
 
 Dead leaves (Matheron 1968; Lee, Mumford & Huang, "Occlusion models for natural images", IJCV 2001):
 an image is a stack of opaque coloured discs that occlude each other. With disc radii drawn from a
@@ -16,7 +17,7 @@ resolution):
 - antialiased by analytic pixel coverage ``clip((r - d) * res + 1/2, 0, 1)`` of each disc at the
   pixel centre's distance ``d`` (a one-pixel ramp across the edge), composited "over" the image.
 
-The defaults are deliberately easier than the classic 1-pixel-minimum model (PLATFORM.md: a
+The defaults are deliberately easier than the classic 1-pixel-minimum model (docs/platform.md: a
 ~0.5 M-parameter DDPM must learn the structure in minutes on 2 CPU cores): fewer, larger discs
 (``r_min`` = 8 % of the side, 20 discs), so images are a handful of clear occluding shapes with a
 fat-tailed size distribution. With only ``r_max / r_min`` ≈ 6 the scale-invariant range is short:

@@ -1,4 +1,4 @@
-"""torchvision next to a CPU-only torch: the one place this is handled (see PLATFORM.md).
+"""torchvision next to a CPU-only torch: the one place this is handled (see docs/platform.md).
 
 PyPI's torchvision wheel (pulled in by torch-fidelity, hence by torchmetrics and Lightning) is a
 CUDA build. Next to the CPU torch its C++ extension fails to load, and ``import torchvision`` then

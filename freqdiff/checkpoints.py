@@ -1,4 +1,5 @@
-"""Reading runs back: find a checkpoint, load it safely, rebuild the module it was trained as (DESIGN.md §3).
+"""Reading runs back: find a checkpoint, load it safely, rebuild the module it was trained as
+(docs/architecture.md, Checkpoints).
 
 Lives in the core (no Lightning import) so that both the runner and the method modules may use it:
 Relay's stage 2 loads its stage-1 run with ``load_run`` without importing ``experiments``.

@@ -1,4 +1,5 @@
-"""Experiment configs: strict OmegaConf loading and `_target_` instantiation (DESIGN.md §3).
+"""Experiment configs: strict OmegaConf loading and `_target_` instantiation
+(docs/architecture.md, Configuration).
 
 - ``load(exp, overrides)`` reads ``experiments/<exp>.yaml`` (or a .yaml anywhere), merges its ``base:``
   list (paths relative to the file naming them; a base may have bases; cycles are refused), applies

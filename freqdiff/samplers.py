@@ -1,4 +1,4 @@
-"""Samplers: a flat library of functions (DESIGN.md §2.4).
+"""Samplers: a flat library of functions (docs/architecture.md, Samplers).
 
 ``sample_ancestral`` is the generic loop; its step math lives in ``process.step`` (DDPM ancestral
 for eta = 1, DDIM for eta = 0, Song et al. 2021), so it serves every process. Samplers that call the

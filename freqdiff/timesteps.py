@@ -1,4 +1,6 @@
-"""Training-time samplers of t ∈ [0, 1] (METHODS.md §1, §3): ``(n, generator, device, process) -> t [n]``.
+"""Training-time samplers of t ∈ [0, 1]: ``(n, generator, device, process) -> t [n]``.
+
+docs/methods/ddpm.md, "Training times", describes them; Relay's own u ~ U(0, 1): docs/methods/relay.md.
 
 Kept apart from the process: which times a model trains on is a training choice. The module passes
 its process, so a sampler defined on the noise level works through the process's own time map.

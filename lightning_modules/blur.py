@@ -1,4 +1,4 @@
-"""Blur diffusion (Lee et al. 2022; METHODS.md §2) as a thin DDPM module over ``BlurProcess``.
+"""Blur diffusion (Lee et al. 2022; docs/methods/blur.md) as a thin DDPM module over ``BlurProcess``.
 
 Everything method-specific is in ``freqdiff.processes.blur.BlurProcess``; this module only wires it:
 

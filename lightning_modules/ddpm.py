@@ -1,4 +1,4 @@
-"""DDPM baseline (Ho et al. 2020; METHODS.md §1) as a thin DiffusionModule.
+"""DDPM baseline (Ho et al. 2020; docs/methods/ddpm.md) as a thin DiffusionModule.
 
 Loss: the natural loss of the Denoiser's parameterisation, ``|F − target|²`` per sample (ε-prediction
 gives Ho et al.'s L_simple), or an x0-space weight: ``min_snr`` = γ weights ``|x0_hat − x0|²`` by

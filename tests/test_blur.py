@@ -1,4 +1,4 @@
-"""Blur diffusion (METHODS.md §2): the operator, the schedule numbers, the Gaussian limit, the samplers.
+"""Blur diffusion (docs/methods/blur.md): the operator, the schedule numbers, the Gaussian limit, samplers.
 
 The process also runs through the shared contract suite (tests/test_processes.py: blur-gaussian and
 blur-dct-rgb), which covers moments, prior, steps, bf16 autocast and the exact-denoiser sampler test.
@@ -52,7 +52,7 @@ def test_eigenbasis_is_the_zero_padded_blur():
     U, d = make_basis("gaussian", n, 0.4)
     torch.testing.assert_close(U @ torch.diag(d) @ U.T, H, atol=1e-12, rtol=0)
     torch.testing.assert_close(U.T @ U, torch.eye(n, dtype=torch.float64), atol=1e-12, rtol=0)
-    assert 0.838 < float(d.min()) and float(d.max()) < 1  # METHODS.md: [0.839, 1) at 64²
+    assert 0.838 < float(d.min()) and float(d.max()) < 1  # docs/methods/blur.md: [0.8385, 1) at 64²
     p = BlurProcess(resolution=n)
     x = torch.randn(2, 1, n, n, dtype=torch.float64)
     torch.testing.assert_close(p.blur(x.float(), 1.0).double(), _conv_blur(x, 0.4), atol=1e-5, rtol=0)
@@ -62,7 +62,7 @@ def test_eigenbasis_is_the_zero_padded_blur():
 def test_rgb_blur_is_exactly_per_channel_unlike_the_official_layout():
     """Each channel is blurred on its own. The official code pairs coefficient (sorted position p,
     channel c) with eigenvalue (3p + c) mod res²: for RGB at 64² its operator W is 9.7 % (relative,
-    Frobenius) away from the per-channel blur (METHODS.md quotes 8.6 %); for one channel it is exact."""
+    Frobenius) away from the per-channel blur (docs/methods/blur.md); for one channel it is exact."""
     n = 64
     p = BlurProcess(resolution=n)
     x = torch.rand(2, 3, n, n) * 2 - 1

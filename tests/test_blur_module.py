@@ -1,5 +1,5 @@
 """Blur diffusion end to end: the paper configs, BlurModule's data range and samplers, its x0_hat strips,
-the quickstart_blur recipe through the command line, and the blur-ops benchmark (METHODS.md §2)."""
+the quickstart_blur recipe through the command line, and the blur-ops benchmark (docs/methods/blur.md)."""
 
 from __future__ import annotations
 

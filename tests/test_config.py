@@ -1,4 +1,5 @@
-"""Configs: strict keys, `_target_` errors naming the path, every experiment instantiates (DESIGN.md §3)."""
+"""Configs: strict keys, `_target_` errors naming the path, every experiment instantiates
+(docs/architecture.md, Configuration)."""
 
 from __future__ import annotations
 

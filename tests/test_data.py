@@ -1,4 +1,4 @@
-"""Shard sets, the dead-leaves generator and the ShardDataModule (DESIGN.md §4 Data)."""
+"""Shard sets, the dead-leaves generator and the ShardDataModule (docs/architecture.md, Data)."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""Reliability of the data layer (DESIGN.md §4 Data): where dead leaves may be written, when bad data
+"""Reliability of the data layer (docs/architecture.md, Data): where dead leaves may be written, when bad data
 stops a run, shards that disagree with their manifest, temporary files left by killed writers, and
 the datamodule's argument checks. Shard sets are tiny and written into ``tmp_path``.
 """

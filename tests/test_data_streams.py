@@ -1,4 +1,5 @@
-"""ShardDataModule streams: rank x worker splits, multi-resolution batches, seeding, bad data (DESIGN.md §4).
+"""ShardDataModule streams: rank x worker splits, multi-resolution batches, seeding, bad data
+(docs/architecture.md, Data).
 
 Ranks are simulated with the ``RANK`` / ``WORLD_SIZE`` environment variables (the datamodule reads them
 when no Trainer or process group is there) and real DataLoader worker processes; the real two-process

@@ -1,6 +1,6 @@
 """Real multi-process data checks (slow): 2-rank gloo DDP with 2 workers each; a new user's JPEG folder.
 
-- Lightning ``strategy="ddp"`` from a script in a subprocess (PLATFORM.md: plain ddp re-launches the
+- Lightning ``strategy="ddp"`` from a script in a subprocess (docs/platform.md: plain ddp re-launches the
   whole pytest session otherwise). The script imports ``lightning`` first, before anything of this
   project, so it only works where the torchvision hook reaches every process through the venv's
   ``.pth`` file; each rank records whether the hook was installed at start-up.

@@ -1,4 +1,5 @@
-"""Denoiser parameterisations round-trip (eps <-> x0 <-> v <-> edm) through the process (DESIGN.md §2.3)."""
+"""Denoiser parameterisations round-trip (eps <-> x0 <-> v <-> edm) through the process
+(docs/architecture.md, Parameterisations)."""
 
 from __future__ import annotations
 

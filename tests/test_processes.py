@@ -1,4 +1,4 @@
-"""Contract suite over every forward process (DESIGN.md §7, METHODS.md property 5).
+"""Contract suite over every forward process (docs/architecture.md, The process contract).
 
 A new process joins by adding one ``Entry`` to ``PROCESSES``: a factory, its data shape, its residual
 signal bound at t = 1 (relative to the prior's std; None for a process without a prior, which starts
@@ -45,7 +45,7 @@ def _white_moments(p, x0, t):
 
 
 def _blur_moments(p, x0, t):
-    """METHODS.md §2: mean U Ā^{1/2} Uᵀ x0, per-pixel variance Σ_kl U_hk² U_wl² (1 − Ā_kl)."""
+    """docs/methods/blur.md: mean U Ā^{1/2} Uᵀ x0, per-pixel variance Σ_kl U_hk² U_wl² (1 − Ā_kl)."""
     sa, s1 = p.factors(t)
     U2 = p.U**2
     var = (U2 @ (s1[0, 0] ** 2) @ U2.T).float()
@@ -213,7 +213,7 @@ def test_process_math_ignores_bf16_autocast(entry):
     assert (plain_t - auto_t).abs().max() < 0.01
 
 
-# ---- samplers with the exact denoiser of Gaussian data (DESIGN.md §7) ----------------------------------
+# ---- samplers with the exact denoiser of Gaussian data (docs/architecture.md, Tests) ------------------
 def _gaussian_data(shape):
     d = int(torch.Size(shape).numel())
     g = torch.Generator().manual_seed(0)
@@ -263,7 +263,7 @@ def test_heun_sampler_with_exact_denoiser_reproduces_gaussian_data(entry):
     _check_sampler_moments(x, mean, cov)
 
 
-# ---- Gaussian-specific properties (METHODS.md §1, property 8) -------------------------------------------
+# ---- Gaussian-specific properties (docs/methods/ddpm.md, docs/frequencies.md) ------------------------
 def test_discrete_table_is_interpolated_exactly():
     p = GaussianProcess(schedule="linear", T=1000)
     ab = linear_alpha_bar(1000)

@@ -1,4 +1,5 @@
-"""Samplers with the exact denoiser of Gaussian data reproduce its mean and variance (DESIGN.md §7)."""
+"""Samplers with the exact denoiser of Gaussian data reproduce its mean and variance
+(docs/architecture.md, Tests and benchmarks)."""
 
 from __future__ import annotations
 

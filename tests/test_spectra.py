@@ -1,4 +1,4 @@
-"""RAPS, spectral distance and RAPS plots (Resolution Chromatography; METHODS.md §5)."""
+"""RAPS, spectral distance and RAPS plots (Resolution Chromatography; docs/frequencies.md)."""
 
 from __future__ import annotations
 
@@ -90,13 +90,13 @@ def test_spectral_distance_properties():
     a, b = dead_leaves(64, seed=1), dead_leaves(64, seed=2)
     assert spectral_distance(a, a) == 0.0
     assert spectral_distance(a, b) == pytest.approx(spectral_distance(b, a), abs=1e-12)
-    assert spectral_distance(a, b) < 0.06  # two real sets (PLATFORM.md: ~0.03)
+    assert spectral_distance(a, b) < 0.06  # two real sets (0.006-0.03: spectral_distance's docstring)
     g = torch.Generator().manual_seed(3)
     eps = torch.randn(a.shape, generator=g)
     d = [spectral_distance(a + s * eps, a) for s in (0.03, 0.1, 0.3)]
     assert 0 < d[0] < d[1] < d[2]
     noise = 0.3 * torch.randn(a.shape, generator=g)
-    assert spectral_distance(noise, b) > 0.37  # noise vs data (PLATFORM.md: 0.37-0.61)
+    assert spectral_distance(noise, b) > 0.37  # noise vs data (0.77 at 32²: spectral_distance's docstring)
     with pytest.raises(ValueError):
         spectral_distance(a, a[..., :16, :16])
 

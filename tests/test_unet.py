@@ -1,5 +1,6 @@
 """ADM UNet (Dhariwal & Nichol 2021) and its presets: shapes, zero init, conditioning, attention
-placement, parameter counts (METHODS.md §2: 121 M for the blur paper's 64² ADM), bf16, DDP-safe grads."""
+placement, parameter counts (docs/methods/blur.md: 121 M for the blur paper's 64² ADM), bf16,
+DDP-safe grads."""
 
 from __future__ import annotations
 
@@ -127,7 +128,7 @@ def test_parameter_counts():
     assert meta_count("tiny") < 1e6
     assert 2e6 < meta_count("small") < 7e6
     assert 25e6 < meta_count("base") < 35e6
-    assert abs(meta_count("adm_blur64") / 121e6 - 1) < 0.03  # METHODS.md §2, blur diffusion paper
+    assert abs(meta_count("adm_blur64") / 121e6 - 1) < 0.03  # docs/methods/blur.md, blur diffusion paper
     # ADM's ImageNet-64 model (class-conditional, learned variance) is reported at 296 M parameters.
     assert abs(meta_count("edm_relay64", num_classes=1000, out_channels=6) / 296e6 - 1) < 0.005
     for name in PRESETS:  # every preset builds at its own resolution

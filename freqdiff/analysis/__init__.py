@@ -1,4 +1,4 @@
-"""Figures and images for people to look at: RAPS plots (METHODS.md §5) and sample grids.
+"""Figures and images for people to look at: RAPS plots (docs/frequencies.md) and sample grids.
 
 ``plots``: ``plot_raps`` and ``figure_to_array`` (matplotlib Agg, no display).
 ``images``: sample grids and PNG writing.

@@ -1,4 +1,4 @@
-"""Spectral plots: RAPS curves on log-log axes (Resolution Chromatography; METHODS.md §5).
+"""Spectral plots: RAPS curves on log-log axes (Resolution Chromatography; docs/frequencies.md).
 
 Uses matplotlib's Agg canvas directly (``Figure`` + ``FigureCanvasAgg``, no pyplot), so nothing
 needs a display, no global figure state is kept and figures are freed with their last reference.

@@ -1,4 +1,4 @@
-"""Metrics on images and spectra (METHODS.md §5: RAPS, spectral log-distance, power-law fits)."""
+"""Image and spectrum metrics: RAPS, spectral log-distance, power-law fits, FID, SWD; docs/evaluation.md."""
 
 from freqdiff.metrics.spectra import (
     KAISER_BETA,

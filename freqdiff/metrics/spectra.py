@@ -1,6 +1,6 @@
-"""Radially averaged power spectra (RAPS) and spectral distances (METHODS.md §5).
+"""Radially averaged power spectra (RAPS) and spectral distances (docs/frequencies.md, docs/evaluation.md).
 
-Implements the spectral analysis of "Resolution Chromatography" (METHODS.md §5): per image and
+Implements the spectral analysis of "Resolution Chromatography" (docs/frequencies.md): per image and
 channel, remove the window-weighted mean, apply a separable 2-D Kaiser window (beta = 2), take the
 orthonormal 2-D FFT, form the power ``|F|^2`` and average it over annuli of integer radius with
 linear interpolation between neighbouring bins. Natural images follow ``P(f) ≈ beta f^-gamma``
@@ -19,7 +19,7 @@ Conventions (all pure torch, float64 internally):
 - Normalisation: the window is scaled to unit mean square, so with the orthonormal FFT white noise
   of per-pixel variance ``s^2`` has expected power ``s^2`` in every bin (Parseval). A smooth
   image's low-frequency power instead grows with ``H W``: the white-noise floor relative to image
-  power scales as ``1 / (H W)`` (METHODS.md §5).
+  power scales as ``1 / (H W)`` (docs/frequencies.md).
 - DC: mean removal makes bin 0 (the DC sample alone) exactly zero up to rounding.
 """
 
@@ -28,7 +28,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-KAISER_BETA = 2.0  # METHODS.md §5
+KAISER_BETA = 2.0  # the chromatography paper's window (docs/evaluation.md)
 _LOG_FLOOR = 1e-30  # power floor before log10 in spectral_distance (only hit by all-constant sets)
 
 
@@ -61,14 +61,14 @@ def power_spectrum_2d(x: Tensor, beta: float = KAISER_BETA) -> Tensor:
 def raps(
     x: Tensor, bins: int | None = None, reduce: bool = True, beta: float = KAISER_BETA
 ) -> tuple[Tensor, Tensor]:
-    """Radially averaged power spectrum (METHODS.md §5).
+    """Radially averaged power spectrum (docs/evaluation.md, "The metrics").
 
     Args:
         x: images ``[H, W]``, ``[C, H, W]`` or ``[B, C, H, W]`` (any leading dims; last two spatial).
         bins: number of radial bins ``0 .. bins - 1`` (default ``min(H, W) // 2 + 1``, up to Nyquist).
             Bins beyond the corner radius ``m / sqrt(2)`` get no samples and read 0.
         reduce: average the spectra over all leading (batch and channel) dims.
-        beta: Kaiser window shape. METHODS.md fixes 2; its edge value I0(0)/I0(2) ≈ 0.44 leaves part
+        beta: Kaiser window shape. The default is 2; its edge value I0(0)/I0(2) ≈ 0.44 leaves part
             of the image-boundary jump, whose leakage puts a floor under steep spectra: a 64² camera
             blurred with sigma = 1.5 px reads ~8e-5 at Nyquist with beta 2, ~1e-9 with beta 8.
 
@@ -146,7 +146,7 @@ def fit_power_law(freqs: Tensor, power: Tensor, fmin: float, fmax: float) -> tup
 def per_frequency_snr(
     signal_power: Tensor | float, gain: Tensor | float, noise_power: Tensor | float
 ) -> Tensor:
-    """Per-frequency SNR of a forward process (METHODS.md §5): ``P_x0(f) * g(f)^2 / P_noise(f)``.
+    """Per-frequency SNR of a forward process (docs/frequencies.md): ``P_x0(f) * g(f)^2 / P_noise(f)``.
 
     ``signal_power``: RAPS of the data ``[..., R]``; ``gain``: the process's per-frequency amplitude
     gain on the signal at time t (``sqrt(alpha_bar)`` for DDPM, times the blur response for blur

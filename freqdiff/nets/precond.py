@@ -1,4 +1,5 @@
-"""Denoiser: preconditioning around any backbone; always returns x0_hat (DESIGN.md §2.3).
+"""Denoiser: preconditioning around any backbone; always returns x0_hat
+(docs/architecture.md, Parameterisations and loss weights).
 
 The one place that knows the network's parameterisation:
 - ``eps``: F predicts the white noise; x0_hat = process.x0_from_eps(x_t, F, t) (Ho et al. 2020).

@@ -7,10 +7,10 @@ against the paper and edm_relay64 (with 1000 classes, 6 outputs) against ADM's 2
 
 | preset       | params   | use                                                                    |
 |--------------|----------|------------------------------------------------------------------------|
-| tiny         | 0.62 M   | CPU quickstart at 16-32² (PLATFORM.md: ~0.5 M learns in minutes)       |
+| tiny         | 0.62 M   | CPU quickstart at 16-32² (docs/platform.md: < 1 M learns in minutes)   |
 | small        | 4.31 M   | CPU experiments at 32²                                                 |
 | base         | 30.58 M  | GPU-scale 32² (DDPM CIFAR-10 size)                                     |
-| adm_blur64   | 121.06 M | blur diffusion, LSUN 64² (METHODS.md §2: 121 M) and its DDPM baseline  |
+| adm_blur64   | 121.06 M | blur diffusion, LSUN 64² (docs/methods/blur.md) and its DDPM baseline  |
 | adm_celeba64 | 129.38 M | DDPM baseline on CelebA 64²: ADM's own 64² recipe at 128 channels      |
 | edm_relay64  | 295.13 M | Relay stage 1 at 64² (EDM's ADM, docs/methods/relay.md)                |
 | edm_relay256 | 552.81 M | Relay stage 2 at 256² (EDM's ADM, docs/methods/relay.md)               |

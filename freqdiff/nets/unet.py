@@ -1,7 +1,7 @@
 """ADM UNet (Dhariwal & Nichol 2021, "Diffusion Models Beat GANs", App. A; Nichol & Dhariwal 2021).
 
 The same family as NVlabs EDM's ``DhariwalUNet`` (Karras et al. 2022) and the backbone of every
-method here (METHODS.md §1-§4): DDPM baseline, blur diffusion (121 M at 64²), Relay's two EDM
+method here (docs/methods/): DDPM baseline, blur diffusion (121 M at 64²), Relay's two EDM
 stages, and Scale Space Diffusion's Flexi-UNet, which reuses these parts level by level.
 
 - Residual blocks: GroupNorm, SiLU, 3x3 conv; the embedding modulates the second norm by adaptive

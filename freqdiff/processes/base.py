@@ -1,4 +1,4 @@
-"""The shared forward-process interface (DESIGN.md §2.1, METHODS.md "One family").
+"""The shared forward-process interface (docs/architecture.md, The process contract).
 
 Every method is a linear Gaussian forward process ``q(x_t | x0) = N(A_t x0, Σ_t)`` in continuous time
 ``t ∈ [0, 1]`` (0 data, 1 prior). A ``Process`` holds only math (non-persistent buffers, no

@@ -1,4 +1,4 @@
-"""Gaussian (VP) diffusion: DDPM / DDIM in continuous time (METHODS.md §1).
+"""Gaussian (VP) diffusion: DDPM / DDIM in continuous time (docs/methods/ddpm.md).
 
 Ho et al. 2020 (DDPM), Nichol & Dhariwal 2021 (cosine schedule), Song et al. 2021 (DDIM).
 Forward: ``x_t = a_t x0 + sigma_t eps`` with ``a_t = √ᾱ_t``, ``sigma_t = √(1 − ᾱ_t)``.
@@ -7,7 +7,7 @@ Continuity: the discrete schedule (T steps, step i at t = i/T) is made continuou
 interpolating its log-SNR table ``λ_i = ln(ᾱ_i / (1 − ᾱ_i))`` over t ∈ [1/T, 1]; below 1/T the
 first entry holds, and t = 0 is the data itself (a = 1, sigma = 0).
 
-Resolution shift (METHODS.md §1, "Schedule shift"): ``shift = k`` moves the log-SNR by ``−2 ln k``,
+Resolution shift (docs/frequencies.md, schedule shift): ``shift = k`` moves the log-SNR by ``−2 ln k``,
 which gives a k× larger image the SNR trajectory of the reference resolution (SD3's
 ``t' = S t / (1 + (S − 1) t)`` for rectified flow is the same relation).
 

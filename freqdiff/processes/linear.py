@@ -1,4 +1,5 @@
-"""Any process as the linear Gaussian map it is: ``q(x_t | x0) = N(A_t x0, Σ_t)`` (METHODS.md "One family").
+"""Any process as the linear Gaussian map it is: ``q(x_t | x0) = N(A_t x0, Σ_t)``
+(docs/architecture.md, The process contract).
 
 Every process in this project is linear in x0 and in its noise, so both matrices can be read off
 ``marginal`` itself, with no knowledge of the method:

@@ -12,7 +12,7 @@ Precision policy (DESIGN-level rule; every process obeys it through ``Process``)
 - ``full_precision_fn``: decorator doing the same around a function and casting bf16 / fp16 tensor
   arguments to float32. ``Process`` applies it to every contract method of every subclass
   automatically (``Process.__init_subclass__``), so a new process cannot forget it.
-- ``dct_matrix(n)``: the orthonormal DCT-II matrix (METHODS.md property 1), float64.
+- ``dct_matrix(n)``: the orthonormal DCT-II matrix (norm-preserving, round trip exact to 1e-12), float64.
 - ``apply_per_axis(x, A, B)``: ``A X Bᵀ`` on the last two axes (separable 2-D transforms: a basis
   change, a blur, a resize), computed in full precision.
 - ``append_dims``, ``as_batch_time``: broadcasting helpers.
