@@ -8,10 +8,14 @@ ARGS ?=
 DRY ?=
 PYTEST_ARGS ?=
 
-.PHONY: help install exp test test-all bench board lint format clean-runs
+MATRIX ?= quickstart16
+LAUNCHER ?= local
+
+.PHONY: help install exp matrix test test-all bench board lint format clean-runs
 
 help:  ## the targets, one line each
 	@echo "make exp [EXP=name|path.yaml] [ARGS=\"k=v ...\"] [RUN=runs/<exp>/<name>]  train (or resume) an experiment"
+	@echo "make matrix [MATRIX=quickstart16] [LAUNCHER=local] [ARGS=...]  every cell of experiments/matrices/<MATRIX>.yaml (done cells skipped)"
 	@echo "make test / make test-all                         the fast suite / every test (slow, DDP, fault injection)"
 	@echo "make bench                                        side-by-side benchmarks (ratios)"
 	@echo "make shards SRC=folder OUT=folder RES=64,256 [VAL=1000|0.05] ...  image folder -> WebDataset shards (VAL: + held-out val split)"
@@ -35,6 +39,10 @@ $(STAMP): pyproject.toml constraints.txt
 exp: install
 	DRY=$(DRY) $(PY) -m experiments $(if $(RUN),resume "$(RUN)",run $(EXP)) $(ARGS)
 
+# make matrix MATRIX=name|path.yaml [LAUNCHER=local] [ARGS="key=value ..." given to every cell]
+matrix: install
+	$(PY) -m experiments.matrix "$(MATRIX)" --launcher $(LAUNCHER) $(ARGS)
+
 test: install
 	$(PY) -m pytest -q $(PYTEST_ARGS)
 
@@ -48,6 +56,7 @@ bench: install
 LOGDIR ?= runs
 PORT ?= 6006
 board: install
+	$(PY) -m experiments.board_layout "$(LOGDIR)" --port $(PORT)
 	$(VENV)/bin/tensorboard --logdir "$(LOGDIR)" --host 127.0.0.1 --port $(PORT)
 
 lint: install
