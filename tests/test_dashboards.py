@@ -3,15 +3,8 @@ labelled x0_hat strips, and a real TensorBoard server serving them from a tiny r
 
 from __future__ import annotations
 
-import json
 import math
-import socket
-import subprocess
-import sys
-import time
-import urllib.error
 import urllib.parse
-import urllib.request
 from pathlib import Path
 
 import lightning as L
@@ -20,7 +13,8 @@ import pytest
 import torch
 import yaml
 from PIL import Image
-from test_training import tiny_overrides  # tests/ is on sys.path
+from tb_server import get_json, tensorboard_server  # tests/ is on sys.path
+from test_training import tiny_overrides
 
 from callbacks.strips import frame_label, x0_hat_frames
 from experiments.hparams import run_hparams
@@ -230,64 +224,16 @@ def test_a_resumed_run_rewrites_hparams_yaml(tmp_path):
     assert yaml.safe_load(path.read_text())["trainer.max_steps"] == 3  # Lightning alone would keep 2
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def get_json(url: str, body: dict | None = None, timeout: float = 5.0):
-    data = None if body is None else json.dumps(body).encode()
-    req = urllib.request.Request(url, data=data, headers={"Content-Type": "application/json"})
-    with urllib.request.urlopen(req, timeout=timeout) as r:
-        return json.loads(r.read().decode())
-
-
 @pytest.fixture(scope="module")
 def board(trained, tmp_path_factory):
     """A real TensorBoard over the run root on 127.0.0.1; yields its base URL (stopped by its PID)."""
-    port = free_port()
-    log = (tmp_path_factory.mktemp("board") / "tensorboard.log").open("w")
-    exe = Path(sys.executable).with_name("tensorboard")
-    cmd = [
-        str(exe),
-        "--logdir",
-        str(trained),
-        "--host",
-        "127.0.0.1",
-        "--port",
-        str(port),
-        "--load_fast=false",
-    ]
-    started = time.monotonic()
-    proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT)
-    base = f"http://127.0.0.1:{port}"
-    try:
-        deadline, tags = time.monotonic() + 90, {}
-        while time.monotonic() < deadline:
-            if proc.poll() is not None:
-                pytest.fail(
-                    f"tensorboard exited with {proc.returncode}: {Path(log.name).read_text()[-2000:]}"
-                )
-            try:
-                tags = get_json(f"{base}/data/plugin/scalars/tags")
-                if "train/grad_norm" in tags.get("/".join(RUN), {}):
-                    break
-            except (urllib.error.URLError, ConnectionError, TimeoutError):
-                pass
-            time.sleep(0.5)
-        else:
-            pytest.fail(f"tensorboard served no train/grad_norm in 90 s: {tags}")
-        print(f"tensorboard ready in {time.monotonic() - started:.1f} s")
+
+    def ready(base: str) -> bool:
+        return "train/grad_norm" in get_json(f"{base}/data/plugin/scalars/tags").get("/".join(RUN), {})
+
+    log = tmp_path_factory.mktemp("board") / "tensorboard.log"
+    with tensorboard_server(trained, log, ready, what="train/grad_norm") as base:
         yield base
-    finally:
-        proc.terminate()
-        try:
-            proc.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait(timeout=10)
-        log.close()
 
 
 def test_tensorboard_serves_lr_grad_norm_and_the_runs_hparams(trained, board):
