@@ -41,6 +41,8 @@ from callbacks.checkpoint import (
     FinishRun,
     StopOnDivergence,
 )
+from callbacks.cost import describe as describe_cost
+from callbacks.cost import read_cost
 from callbacks.progress import ProgressLine, RunHeader
 from experiments.hparams import log_run_hparams
 from experiments.rundir import (  # noqa: F401  (re-exported for scripts and tests)
@@ -250,7 +252,7 @@ def outputs_summary(run_dir: Path) -> list[str]:
     kinds = {
         "samples": ("samples_vs_real.png", "samples"),
         "strips": ("strips",),
-        "metrics": ("final_metrics.json", "eval/metrics.jsonl"),
+        "metrics": ("final_metrics.json", "eval/metrics.jsonl", "cost.json"),
         "checkpoint": ("checkpoints/last.ckpt",),
     }
     lines = [f"run folder  {run_dir}"]
@@ -265,6 +267,9 @@ def outputs_summary(run_dir: Path) -> list[str]:
                 shown.append(rel)
         if shown:
             lines.append(f"  {kind:<12}{', '.join(shown)}")
+    cost = read_cost(run_dir)
+    if cost is not None and cost.get("params") is not None:
+        lines.append(f"  {'cost':<12}{describe_cost(cost)}")
     lines.append(f"  {'curves':<12}tensorboard --logdir {run_dir.parent.parent}  (make board)")
     return lines
 
@@ -287,7 +292,12 @@ def run(cfg: DictConfig, callbacks: list | None = None, data_note: str = "") -> 
     header = RunHeader(
         experiment=str(cfg.experiment), run_dir=run_dir, ckpt_path=ckpt_path, data_note=data_note
     )
-    cbs = [header] + [instantiate(node, f"callbacks.{k}") for k, node in cfg.callbacks.items()]
+    cbs = [header] + [
+        instantiate(node, f"callbacks.{k}") for k, node in cfg.callbacks.items() if node is not None
+    ]
+    cbs.sort(
+        key=lambda c: bool(getattr(c, "run_after_others", False))
+    )  # CostMeter reads the evaluation's record
     trainer = build_trainer(cfg, run_dir, cbs + list(callbacks or []))
     if trainer.is_global_zero:
         write_atomic(run_dir / "config.yaml", OmegaConf.to_yaml(cfg, resolve=True))
