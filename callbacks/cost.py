@@ -9,9 +9,10 @@ Ctrl-C), TensorBoard scalars ``cost/*`` at the last step, and a ``cost`` entry i
 - ``flops_per_step``, ``flops_per_image``: FLOPs (``torch.utils.flop_counter.FlopCounterMode``:
   matmuls and convolutions, a multiply-add = 2 FLOPs) of the forward and backward passes of one
   optimiser step on this rank, from ``on_train_batch_start`` to ``on_before_optimizer_step`` (before
-  gradient clipping, the optimiser and the EMA), of the first step of a new run
-  (``flop_steps: 1``; 0: not counted); per image: divided by the images of the step on this rank. A resumed run keeps the value
-  of its ``cost.json``. Counting dispatches every op through Python (the measured steps are slower)
+  gradient clipping, the optimiser and the EMA), of the first step of a new run (``flop_steps: 1``;
+  0: not counted); per image: divided by the images of the step on this rank (a method whose step
+  cost varies, Scale Space's resolution segments, reports its first step's). A resumed run keeps the
+  value of its ``cost.json``. Counting dispatches every op through Python (the measured steps are slower)
   but changes no value and draws no random number.
 - ``img_per_s``: global images per wall-clock second, the median over the logging intervals
   (``trainer.log_every_n_steps``) of this session after the measured steps, from host clocks only
