@@ -11,11 +11,12 @@ PYTEST_ARGS ?=
 MATRIX ?= quickstart16
 LAUNCHER ?= local
 
-.PHONY: help install exp matrix test test-all bench board lint format clean-runs
+.PHONY: help install exp matrix compare test test-all bench board lint format clean-runs
 
 help:  ## the targets, one line each
 	@echo "make exp [EXP=name|path.yaml] [ARGS=\"k=v ...\"] [RUN=runs/<exp>/<name>]  train (or resume) an experiment"
 	@echo "make matrix [MATRIX=quickstart16] [LAUNCHER=local] [ARGS=...]  every cell of experiments/matrices/<MATRIX>.yaml (done cells skipped)"
+	@echo "make compare [RUNS=runs/quickstart16]                 table of the runs under RUNS: RUNS/compare/report.md, table.csv"
 	@echo "make test / make test-all                         the fast suite / every test (slow, DDP, fault injection)"
 	@echo "make bench                                        side-by-side benchmarks (ratios)"
 	@echo "make shards SRC=folder OUT=folder RES=64,256 [VAL=1000|0.05] ...  image folder -> WebDataset shards (VAL: + held-out val split)"
@@ -42,6 +43,11 @@ exp: install
 # make matrix MATRIX=name|path.yaml [LAUNCHER=local] [ARGS="key=value ..." given to every cell]
 matrix: install
 	$(PY) -m experiments.matrix "$(MATRIX)" --launcher $(LAUNCHER) $(ARGS)
+
+# make compare [RUNS=runs/quickstart16]: <RUNS>/compare/report.md and table.csv over its run folders
+RUNS ?= runs/quickstart16
+compare: install
+	$(PY) -m experiments.compare "$(RUNS)"
 
 test: install
 	$(PY) -m pytest -q $(PYTEST_ARGS)

@@ -302,6 +302,14 @@ def run_matrix(
         results[r.name] = r
     ordered = [results[c.name] for c in plan.cells]
     print(summary(plan, ordered), file=out, flush=True)
+    from experiments.compare import write_report
+
+    try:  # the comparison of every cell that has its final metrics
+        report = write_report(plan.root)
+        print((report / "report.md").read_text(), file=out, end="", flush=True)
+        print(f"wrote {report / 'report.md'}, {report / 'table.csv'}", file=out, flush=True)
+    except FileNotFoundError:
+        pass  # no cell finished
     return ordered
 
 

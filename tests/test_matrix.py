@@ -3,6 +3,7 @@ interrupted, a failing cell reported while the others run, progress lines with t
 
 from __future__ import annotations
 
+import csv
 import io
 import json
 import os
@@ -15,6 +16,7 @@ from pathlib import Path
 
 import pytest
 
+from experiments.compare import flags
 from experiments.matrix import load_plan, run_matrix
 from freqdiff.config import ConfigError
 
@@ -106,6 +108,23 @@ def test_matrix_runs_skips_done_cells_and_reports_a_failing_one(tmp_path):
         run_dir = tmp_path / "runs" / "tiny" / name
         final = json.loads((run_dir / "final_metrics.json").read_text())
         assert final["step"] == 4
+    # the comparison of the finished cells, from their own files
+    with open(tmp_path / "runs" / "tiny" / "compare" / "table.csv") as fh:
+        rows = {r["run"]: r for r in csv.DictReader(fh)}
+    assert set(rows) == {"quickstart/ddpm-s0", "quickstart_edm/edm-s0"}
+    assert (rows["quickstart/ddpm-s0"]["method"], rows["quickstart_edm/edm-s0"]["method"]) == (
+        "DDPMModule",
+        "EDMModule",
+    )
+    for r in rows.values():
+        final = json.loads((tmp_path / "runs" / "tiny" / r["run"] / "final_metrics.json").read_text())
+        cost = json.loads((tmp_path / "runs" / "tiny" / r["run"] / "cost.json").read_text())
+        assert float(r["swd/avg"]) == pytest.approx(final["swd/avg"])
+        assert float(r["swd/avg floor"]) == pytest.approx(final["floor"]["swd/avg"])
+        assert int(r["images_seen"]) == cost["images_seen"] == 4 * 8 and int(r["params"]) == cost["params"]
+    report = (tmp_path / "runs" / "tiny" / "compare" / "report.md").read_text()
+    assert "| quickstart/ddpm-s0 | DDPMModule |" in report and "(floor " in report
+    assert "Every run saw the same number of training images" in report
     record = json.loads((tmp_path / "runs" / "tiny" / "matrix.json").read_text())
     assert record["cells"]["broken-s0"]["returncode"] == 2
     # again: the done cells are skipped, the failed one is tried again
@@ -155,3 +174,17 @@ def test_an_interrupted_cell_resumes_from_its_checkpoint(tmp_path):
     assert results[0].status == "done", out.getvalue()
     assert "resuming from step 50" in out.getvalue(), out.getvalue()
     assert json.loads((run_dir / "final_metrics.json").read_text())["step"] == 60
+
+
+def test_runs_trained_or_evaluated_differently_are_flagged():
+    same = {"images_seen": 32000, "n": 500, "ref": "val500@ab"}
+    rows = [{"run": "a", **same}, {"run": "b", **same}]
+    assert flags(rows) == []
+    rows[1] = {**rows[1], "images_seen": 16000, "n": 250}
+    out = flags(rows)
+    assert out == [
+        "not comparable on training images: a: 32000, b: 16000",
+        "not comparable on evaluated samples: a: 500, b: 250",
+    ]
+    rows[0] = {**rows[0], "images_seen": None}  # no cost.json: not silently "the same"
+    assert flags(rows)[0] == "training images unknown for: a"

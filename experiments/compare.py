@@ -1,0 +1,155 @@
+"""The comparison table of a set of runs: ``python -m experiments.compare RUNS`` (``make compare``).
+
+Reads every run folder under ``RUNS`` that has a ``final_metrics.json`` (its evaluation at the end
+of training) and its ``cost.json`` and ``config.yaml``, and writes ``<RUNS>/compare/table.csv`` (one
+row per run, plain numbers) and ``<RUNS>/compare/report.md`` (the same table with each metric as
+``value ± spread`` beside its real-vs-real floor), and prints the table. Runs that were not trained
+on the same number of images, or not evaluated at the same n against the same reference, are flagged
+in the report instead of being ranked silently.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import sys
+from pathlib import Path
+from typing import Any
+
+from omegaconf import OmegaConf
+
+METRIC_ORDER = ("spectral", "swd/avg", "fid", "kid", "precision", "recall")
+
+
+def find_runs(root: Path) -> list[Path]:
+    return sorted(p.parent for p in root.rglob("final_metrics.json") if "compare" not in p.parts)
+
+
+def _json(path: Path) -> dict[str, Any]:
+    return json.loads(path.read_text()) if path.is_file() else {}
+
+
+def _method(run_dir: Path) -> tuple[str, str]:
+    cfg_path = run_dir / "config.yaml"
+    if not cfg_path.is_file():
+        return "?", "?"
+    cfg = OmegaConf.load(cfg_path)
+    target = str(OmegaConf.select(cfg, "module._target_", default="?"))
+    return target.rsplit(".", 1)[-1], str(cfg.get("experiment", "?"))
+
+
+def _metrics(final: dict[str, Any]) -> list[str]:
+    names = [k for k in final.get("floor", {})] + [k for k in METRIC_ORDER if k in final]
+    names += [k for k in final if k.startswith("swd/")]
+    seen: list[str] = []
+    for k in names:
+        if k not in seen and isinstance(final.get(k), (int, float)):
+            seen.append(k)
+    return seen
+
+
+def collect(root: Path) -> list[dict[str, Any]]:
+    rows = []
+    for run_dir in find_runs(root):
+        final, cost = _json(run_dir / "final_metrics.json"), _json(run_dir / "cost.json")
+        method, experiment = _method(run_dir)
+        row = {
+            "run": str(run_dir.relative_to(root)),
+            "method": method,
+            "experiment": experiment,
+            "params": cost.get("params"),
+            "mflop_per_img": None if cost.get("flops_per_image") is None else cost["flops_per_image"] / 1e6,
+            "images_seen": cost.get("images_seen"),
+            "train_s": cost.get("train_seconds"),
+            "img_per_s": cost.get("img_per_s"),
+            "peak_mb": None if cost.get("peak_memory_bytes") is None else cost["peak_memory_bytes"] / 2**20,
+            "sampler": final.get("sampler"),
+            "nfe": final.get("nfe"),
+            "sample_img_per_s": cost.get("sample_img_per_s"),
+            "n": final.get("n"),
+            "ref": f"{final.get('ref_split')}{final.get('ref_n')}@{final.get('ref_manifest')}",
+        }
+        for k in _metrics(final):
+            row[k] = final[k]
+            row[f"{k} spread"] = final.get("spread", {}).get(k)
+            row[f"{k} floor"] = final.get("floor", {}).get(k)
+        rows.append(row)
+    return rows
+
+
+def flags(rows: list[dict[str, Any]]) -> list[str]:
+    out = []
+    for key, what in (("images_seen", "training images"), ("n", "evaluated samples"), ("ref", "reference")):
+        values = {r["run"]: r.get(key) for r in rows}
+        unknown = [k for k, v in values.items() if v is None]
+        if unknown:  # e.g. a run without cost.json (trained before cost accounting)
+            out.append(f"{what} unknown for: {', '.join(unknown)}")
+        elif len(set(map(str, values.values()))) > 1:
+            listed = ", ".join(f"{k}: {v}" for k, v in values.items())
+            out.append(f"not comparable on {what}: {listed}")
+    return out
+
+
+def _fmt(v: Any, digits: int = 3) -> str:
+    if v is None:
+        return "-"
+    if isinstance(v, float):
+        return f"{v:.{digits}g}" if abs(v) < 1e5 else f"{v:.3e}"
+    if isinstance(v, int) and v >= 10_000:
+        return f"{v:,}"
+    return str(v)
+
+
+def markdown(rows: list[dict[str, Any]]) -> str:
+    metrics = [k for k in rows[0] if f"{k} floor" in rows[0]] if rows else []
+    head = ["run", "method", "params", "MFLOP/img", "images", "train s", "img/s", "peak MB", "NFE", "n"]
+    lines = ["| " + " | ".join(head + metrics) + " |", "|" + "---|" * (len(head) + len(metrics))]
+    for r in rows:
+        cells = [r["run"], r["method"], _fmt(r["params"]), _fmt(r["mflop_per_img"]), _fmt(r["images_seen"])]
+        cells += [_fmt(r["train_s"]), _fmt(r["img_per_s"]), _fmt(r["peak_mb"]), _fmt(r["nfe"]), _fmt(r["n"])]
+        for k in metrics:
+            v, s, f = r.get(k), r.get(f"{k} spread"), r.get(f"{k} floor")
+            cells.append("-" if v is None else f"{_fmt(v)} ± {_fmt(s, 2)} (floor {_fmt(f)})")
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def write_report(root: Path) -> Path:
+    rows = collect(root)
+    if not rows:
+        raise FileNotFoundError(f"no run with a final_metrics.json under {root}")
+    out = root / "compare"
+    out.mkdir(parents=True, exist_ok=True)
+    keys = list(dict.fromkeys(k for r in rows for k in r))
+    with open(out / "table.csv", "w", newline="") as fh:
+        w = csv.DictWriter(fh, fieldnames=keys)
+        w.writeheader()
+        w.writerows(rows)
+    warn = flags(rows)
+    text = [f"# Comparison of {len(rows)} runs under {root}", "", markdown(rows), ""]
+    text += [
+        "Each metric: value ± spread over resamplings of the samples (floor: two disjoint real sets at",
+        "the same n). Two runs differ where their values differ by several spreads.",
+        "",
+    ]
+    text += [f"**{w}**" for w in warn] or [
+        "Every run saw the same number of training images, n and reference."
+    ]
+    (out / "report.md").write_text("\n".join(text) + "\n")
+    return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    root = Path((argv if argv is not None else sys.argv[1:] or ["runs"])[0])
+    try:
+        out = write_report(root)
+    except FileNotFoundError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    print((out / "report.md").read_text(), end="")
+    print(f"wrote {out / 'report.md'}, {out / 'table.csv'}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
