@@ -39,13 +39,9 @@ def _method(run_dir: Path) -> tuple[str, str]:
 
 
 def _metrics(final: dict[str, Any]) -> list[str]:
-    names = [k for k in final.get("floor", {})] + [k for k in METRIC_ORDER if k in final]
-    names += [k for k in final if k.startswith("swd/")]
-    seen: list[str] = []
-    for k in names:
-        if k not in seen and isinstance(final.get(k), (int, float)):
-            seen.append(k)
-    return seen
+    """The record's metrics: those with a floor first, then the others, in a fixed order."""
+    names = [*final.get("floor", {}), *METRIC_ORDER, *(k for k in final if k.startswith("swd/"))]
+    return [k for k in dict.fromkeys(names) if isinstance(final.get(k), (int, float))]
 
 
 def collect(root: Path) -> list[dict[str, Any]]:

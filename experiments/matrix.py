@@ -18,8 +18,9 @@ records each cell's status; a cell recorded as done with the same command is ski
 resumes from its last checkpoint (the runner's own resume), a failed one runs again.
 
 Launchers: ``local`` (one cell after another on this machine, progress lines prefixed with the cell
-and the matrix's ETA). A launcher is a class with ``launch(plan) -> list[CellResult]``; the cluster's
-job-array launcher plugs in here.
+and the matrix's ETA). A launcher is a class with
+``launch(plan, todo, on_result) -> list[CellResult]`` (``on_result(cell, result)`` records each cell as
+it ends); the cluster's job-array launcher plugs in here.
 """
 
 from __future__ import annotations
@@ -230,7 +231,7 @@ class LocalLauncher:
         buf = b""
         try:
             while True:
-                chunk = proc.stdout.read1(65536) if hasattr(proc.stdout, "read1") else proc.stdout.read(1)
+                chunk = proc.stdout.read1(65536)  # what is there, without waiting for a full buffer
                 if not chunk:
                     break
                 buf += chunk

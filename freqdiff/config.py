@@ -1,5 +1,4 @@
-"""Experiment configs: strict OmegaConf loading and `_target_` instantiation
-(docs/architecture.md, Configuration).
+"""Experiment configs: strict OmegaConf loading and `_target_` instantiation (docs/architecture.md).
 
 - ``load(exp, overrides)`` reads ``experiments/<exp>.yaml`` (or a .yaml anywhere), merges its ``base:``
   list (paths relative to the file naming them; a base may have bases; cycles are refused), applies
