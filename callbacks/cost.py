@@ -17,7 +17,8 @@ Ctrl-C), TensorBoard scalars ``cost/*`` at the last step, and a ``cost`` entry i
 - ``img_per_s``: global images per wall-clock second, the median over the logging intervals
   (``trainer.log_every_n_steps``) of this session after the measured steps, from host clocks only
   (no device synchronisation); ``images_seen``: global_step × batch × world size × accumulation;
-  ``train_seconds``: wall time from the start to the end of training, summed over resumes.
+  ``train_seconds``: wall time from the start to the end of training, summed over resumes, less the
+  time the evaluation callbacks spent (their records' ``seconds``), so methods compare on training.
 - ``peak_memory_bytes`` with ``peak_memory_kind``: ``cuda_max_allocated``
   (``torch.cuda.max_memory_allocated``) on a GPU, else ``cpu_rss`` (the process's peak resident set,
   ``ru_maxrss``); the maximum over resumes.
@@ -78,6 +79,7 @@ class CostMeter(L.Callback):
 
     def _reset(self) -> None:
         self._t_start: float | None = None
+        self._t_end: float | None = None  # when training ended (the end-of-training evaluation is after)
         self._prior: dict[str, Any] = {}
         self._mode: FlopCounterMode | None = None
         self._step_images = 0
@@ -125,6 +127,7 @@ class CostMeter(L.Callback):
             self._mark = (now, step)
 
     def on_train_end(self, trainer, pl_module) -> None:
+        self._t_end = time.perf_counter()
         self.finish(trainer, pl_module, final=True)
         later = trainer.callbacks[trainer.callbacks.index(self) + 1 :] if self in trainer.callbacks else []
         self._deferred = any(getattr(c, "at_end", False) and hasattr(c, "history") for c in later)
@@ -190,7 +193,8 @@ class CostMeter(L.Callback):
         rates = list(self._rates)
         if not rates and self._mark is not None and trainer.global_step > self._mark[1]:
             rates = [self._rate(trainer, now, trainer.global_step)]  # shorter than one logging interval
-        session = 0.0 if self._t_start is None else now - self._t_start
+        session = 0.0 if self._t_start is None else (self._t_end or now) - self._t_start
+        session = max(session - _eval_seconds(trainer), 0.0)
         peak, kind = peak_memory(pl_module.device)
         if prior.get("peak_memory_kind") == kind and (prior.get("peak_memory_bytes") or 0) > peak:
             peak = int(prior["peak_memory_bytes"])
@@ -252,6 +256,17 @@ def peak_memory(device: torch.device) -> tuple[int, str]:
         return int(torch.cuda.max_memory_allocated(device)), "cuda_max_allocated"
     rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     return int(rss if sys.platform == "darwin" else rss * 1024), "cpu_rss"  # bytes on macOS, KiB on Linux
+
+
+def _eval_seconds(trainer) -> float:
+    """Seconds the evaluation callbacks spent in this session (the records of their ``history``)."""
+    return sum(
+        float(r.get("seconds") or 0.0)
+        for c in trainer.callbacks
+        if isinstance(getattr(c, "history", None), list)
+        for r in c.history
+        if isinstance(r, dict)
+    )
 
 
 def sampling_fields(trainer, prior: dict[str, Any]) -> dict[str, Any]:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import time
 
 import pytest
 import torch
@@ -99,3 +100,38 @@ def test_resume_keeps_the_flops_and_sums_the_training_time(tmp_path):
     assert (c2["flops_per_step"], c2["flops_per_image"]) == (c1["flops_per_step"], c1["flops_per_image"])
     assert c2["step"] == 4 and c2["images_seen"] == 32
     assert c2["train_seconds"] > c1["train_seconds"]
+
+
+def test_training_time_leaves_out_the_evaluations(tmp_path, monkeypatch):
+    """An evaluation (here made 3 s slower) is not training time: methods compare on training."""
+    import callbacks.fid as fid
+
+    original, marks = fid.add_generated, {}
+
+    def slow(*a, **k):  # inside the evaluation's own clock (its record's "seconds")
+        time.sleep(3.0)
+        return original(*a, **k)
+
+    def mark(name):
+        def hook(self, trainer, pl_module):
+            marks.setdefault(name, time.perf_counter())
+            return getattr(Evaluate.__mro__[1], name)(self, trainer, pl_module)
+
+        return hook
+
+    monkeypatch.setattr(fid, "add_generated", slow)
+    monkeypatch.setattr(Evaluate, "on_train_start", mark("on_train_start"), raising=False)
+    end = Evaluate.on_train_end
+
+    def on_train_end(self, trainer, pl_module):  # training is over before the evaluation starts
+        marks["end"] = time.perf_counter()
+        return end(self, trainer, pl_module)
+
+    monkeypatch.setattr(Evaluate, "on_train_end", on_train_end)
+    out = run(load("quickstart", over(tmp_path, **QUIET, **{"trainer.max_steps": 2})))
+    cost = json.loads((out["run_dir"] / "cost.json").read_text())
+    final = json.loads((out["run_dir"] / "final_metrics.json").read_text())
+    assert final["seconds"] >= 3.0
+    training = marks["end"] - marks["on_train_start"]
+    assert 0 < cost["train_seconds"] <= training + 0.5  # not training + the evaluation's 3 s
+    assert final["cost"]["train_seconds"] == cost["train_seconds"]
