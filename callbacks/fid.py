@@ -26,7 +26,9 @@ EMA weights are always used. Every evaluation is logged with its n, sampler and 
 hparams (beside the run's own hyper-parameters, ``trainer.logger.hparams``) and appended to
 ``<run>/eval/metrics.jsonl``; the last one also goes to
 ``<run>/final_metrics.json`` and, with ``panel``, ``<run>/samples_vs_real.png`` shows the evaluated
-samples beside the real ones (the quickstart uses this instead of sampling the same seeds twice).
+samples beside the real ones (the quickstart uses this instead of sampling the same seeds twice);
+``<run>/eval/final.npz`` keeps the first 64 samples and real images and both mean spectra for the
+comparison report (``callbacks.reference.write_eval_arrays``).
 The Inception network lives here, never in the module's ``state_dict``. It only calls
 ``pl_module.sample``, so it works for every method.
 """
@@ -44,7 +46,13 @@ import lightning as L
 import torch
 from lightning.pytorch.loggers import TensorBoardLogger
 
-from callbacks.reference import NFECounter, describe_floor, load_reference, split_manifest  # noqa: F401
+from callbacks.reference import (  # noqa: F401
+    NFECounter,
+    describe_floor,
+    load_reference,
+    split_manifest,
+    write_eval_arrays,
+)
 from freqdiff.analysis.images import make_grid, save_png, side_by_side
 from freqdiff.config import check_args
 from freqdiff.metrics.evaluator import SetStats, add_generated, all_reduce_stats, bootstrap_spread, compare
@@ -302,6 +310,8 @@ class Evaluate(L.Callback):
         if final:
             self._write_final(run_dir, record)
             self._write_panel(trainer)
+            if self.last_stats is not None:  # samples and spectra for experiments.compare
+                write_eval_arrays(self.last_stats, self._ref, run_dir / "eval" / "final.npz")
         text = describe_floor(record["metrics"], record["spread"], self._floor)
         print(
             f"eval @ step {record['step']} (n={record['n']}, {record['sampler']}, NFE {record['nfe']}): "

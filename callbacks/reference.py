@@ -228,3 +228,30 @@ class NFECounter:
     def __exit__(self, *exc) -> None:
         if self._h is not None:
             self._h.remove()
+
+
+def write_eval_arrays(gen: SetStats, ref: SetStats | None, path, k: int = 64):
+    """``path`` (.npz): what the comparison report (``experiments.compare``) shows of an evaluation.
+
+    ``samples`` and ``real``: the first ``k`` evaluated samples and reference images (uint8
+    ``[k, C, H, W]``, the sets kept for SWD; absent without SWD); ``raps_samples`` and ``raps_real``:
+    the mean radially averaged power spectrum of all n samples and of the reference (float64
+    ``[K + 1]``, bin i = i cycles per image). Written atomically; returns the path.
+    """
+    from pathlib import Path
+
+    path = Path(path)
+    arrays: dict[str, np.ndarray] = {}
+    for name, stats in (("samples", gen), ("real", ref)):
+        if stats is None:
+            continue
+        imgs, power = stats.swd_images(), stats.mean_raps()
+        if imgs is not None:
+            arrays[name] = imgs[:k].cpu().numpy()
+        if power is not None:
+            arrays[f"raps_{name}"] = power.cpu().double().numpy()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.stem + ".tmp.npz")
+    np.savez_compressed(tmp, **arrays)
+    tmp.replace(path)
+    return path

@@ -17,7 +17,8 @@ After every chunk a worker saves its streaming statistics
 (``<run>/eval/<tag>-n<n>.state/<what>/part-*.pt`` with the chunks they cover; ``<what>`` hashes the
 extractor, SWD subset, kept features and chunk size), so an interrupted evaluation resumes, even with
 another number of workers. The result is ``<run>/eval/<record_name>.json`` (named by everything that
-changes the numbers) and, with ``panel``, a ``.png`` of the same name: samples beside real images.
+changes the numbers), a ``.npz`` of the same name (first samples, real images and mean spectra, for
+``experiments.compare``) and, with ``panel``, a ``.png`` of the same name: samples beside real images.
 The reference (``ref``): the run's own data (``ref_split``, a seeded random subset of ``ref_n``
 images, cached statistics), a shard folder, or an ``.npz`` with Inception ``mu`` and ``sigma`` (FID
 only; its resize and weights must match for the number to mean anything). The record names it:
@@ -41,7 +42,7 @@ import torch
 from tqdm.auto import tqdm
 
 from callbacks.fid import floor_fields
-from callbacks.reference import NFECounter, describe_floor
+from callbacks.reference import NFECounter, describe_floor, write_eval_arrays
 from experiments.chunks import chunk_path, read_chunk, write_chunk  # noqa: F401  (re-exported)
 from experiments.eval_options import DEFAULTS, record_name, resolve_options
 from experiments.eval_reference import build_reference, write_panel
@@ -292,6 +293,7 @@ def evaluate_run(
     path = Path(out) if out else eval_dir / f"{name}.json"
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(record, indent=2))
+    write_eval_arrays(gen, reference.stats, path.with_suffix(".npz"))  # for experiments.compare
     if o["panel"]:
         write_panel(gen, reference, int(o["panel"]), path.with_suffix(".png"), s["step"])
     print("eval: " + describe_floor(metrics, spread, reference.floor) + f"\nwrote {path}")

@@ -12,7 +12,8 @@ stage section starts it from that experiment file, e.g. ``edm_celeba64`` as Rela
 Stage ``s`` runs as experiment ``<experiment>/<s>`` into ``<run.root>/<experiment>/<s>/<run.name>``; its
 config gets ``pipeline.name`` / ``pipeline.stage`` so a stage can name another's folder
 (``${run.root}/${pipeline.name}/stage1/${run.name}``). Interpolations resolve inside each stage's own
-config (``${data.resolution}`` is the stage's). The ``evaluate`` part evaluates the last stage's run.
+config (``${data.resolution}`` is the stage's). The ``evaluate`` part evaluates the last stage's run
+and writes ``pipeline_metrics.json`` there: the record with the cost of all stages together.
 
 Parts run in order; each resumes (a stage is an ordinary run: a finished one only checks its final
 outputs; the evaluation's chunks are cached), and a finished evaluation is skipped. Stages are
@@ -25,6 +26,7 @@ from __future__ import annotations
 
 import gc
 import json
+import os
 from pathlib import Path
 
 from omegaconf import DictConfig, OmegaConf
@@ -157,7 +159,63 @@ def _evaluate(raw: DictConfig, stages: dict[str, DictConfig]) -> dict:
         record = evaluate_run(str(run_dir), **kwargs)
     if panel and not (run_dir / "stages.png").is_file():
         write_stages_panel(run_dir, int(panel))
+    from experiments.evaluate import record_path
+
+    path = record_path(str(run_dir), **kwargs)  # its .npz beside it: samples and spectra for compare
+    if done is None or not (run_dir / "pipeline_metrics.json").is_file():
+        log_scalars(run_dir, record)
+    write_pipeline_metrics(
+        run_dir,
+        {**record, "record_file": os.path.relpath(path, run_dir)},
+        {s: run_dir_for(c) for s, c in stages.items()},
+    )
     return record
+
+
+def log_scalars(run_dir: Path, record: dict) -> None:
+    """The evaluation as TensorBoard scalars of the last stage's run (``eval/<metric>``,
+    ``eval/floor/<metric>`` at its step), so the board's comparison charts show the pipeline too."""
+    from torch.utils.tensorboard import SummaryWriter
+
+    step = int(record.get("step") or 0)
+    with SummaryWriter(str(run_dir), filename_suffix=".pipeline_eval") as w:
+        for prefix, values in (("eval", record.get("metrics")), ("eval/floor", record.get("floor"))):
+            for k, v in (values or {}).items():
+                w.add_scalar(f"{prefix}/{k}", float(v), step)
+
+
+COST_SUMS = ("params", "images_seen", "train_seconds")
+
+
+def write_pipeline_metrics(run_dir: Path, record: dict, stage_dirs: dict[str, Path]) -> Path:
+    """``<last stage>/pipeline_metrics.json``: the pipeline's evaluation record with the cost of all its
+    stages together (``cost``: parameters, images seen and training seconds summed, FLOPs per image
+    weighted by each stage's images, peak memory the largest) and each stage's own (``stage_costs``),
+    so ``experiments.compare`` sets the whole pipeline against single-stage methods."""
+    costs = {}
+    for s, d in stage_dirs.items():
+        p = Path(d) / "cost.json"
+        costs[s] = json.loads(p.read_text()) if p.is_file() else {}
+    total: dict = {}
+    if costs and all(c.get(k) is not None for c in costs.values() for k in COST_SUMS):
+        total = {k: sum(c[k] for c in costs.values()) for k in COST_SUMS}
+        flops = [c.get("flops_per_image") for c in costs.values()]
+        total["flops_per_image"] = (
+            sum(f * c["images_seen"] for f, c in zip(flops, costs.values())) / max(total["images_seen"], 1)
+            if all(f is not None for f in flops)
+            else None
+        )
+        total["img_per_s"] = total["images_seen"] / max(total["train_seconds"], 1e-9)
+        total["peak_memory_bytes"] = max(c.get("peak_memory_bytes") or 0 for c in costs.values())
+        total["peak_memory_kind"] = next(iter(costs.values())).get("peak_memory_kind")
+    total.update(sampler=record.get("sampler"), nfe=record.get("nfe"))
+    out = {**record, "stages": {s: str(d) for s, d in stage_dirs.items()}, "cost": total}
+    out["stage_costs"] = costs
+    path = Path(run_dir) / "pipeline_metrics.json"
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(out, indent=1) + "\n")
+    tmp.replace(path)
+    return path
 
 
 def write_stages_panel(run_dir: Path, n: int) -> Path:

@@ -116,6 +116,16 @@ def test_quickstart_relay_pipeline_runs_resumes_and_composes_the_stages(tmp_path
     record = out["evaluate"]
     assert record["n"] == 8 and "swd/avg" in record["metrics"]
     assert "stage1-step3" in next((s2 / "eval").glob("*.json")).name  # stage 1's step names the cache
+    # the pipeline's record for compare: the cost of both stages, the metrics also on the board
+    pipe = json.loads((s2 / "pipeline_metrics.json").read_text())
+    c1, c2 = (json.loads((d / "cost.json").read_text()) for d in (s1, s2))
+    assert pipe["cost"]["images_seen"] == c1["images_seen"] + c2["images_seen"] > c2["images_seen"]
+    assert pipe["cost"]["params"] == c1["params"] + c2["params"] and pipe["metrics"] == record["metrics"]
+    assert (s2 / pipe["record_file"]).with_suffix(".npz").is_file()
+    from test_dashboards import events  # tests/ is on sys.path
+
+    (point,) = events(s2).Scalars("eval/swd/avg")
+    assert point.value == pytest.approx(record["metrics"]["swd/avg"])
     # the stage-2 module composes stage 1: seeded, batch-independent two-stage samples at 32²
     module, cfg = load_run(s2)
     assert cfg.module.stage1 == str(s1)
