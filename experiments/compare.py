@@ -1,11 +1,21 @@
-"""The comparison table of a set of runs: ``python -m experiments.compare RUNS`` (``make compare``).
+"""The comparison of a set of runs: ``python -m experiments.compare RUNS`` (``make compare``).
 
-Reads every run folder under ``RUNS`` that has a ``final_metrics.json`` (its evaluation at the end
-of training) and its ``cost.json`` and ``config.yaml``, and writes ``<RUNS>/compare/table.csv`` (one
-row per run, plain numbers) and ``<RUNS>/compare/report.md`` (the same table with each metric as
-``value ± spread`` beside its real-vs-real floor), and prints the table. Runs that were not trained
-on the same number of images, or not evaluated at the same n against the same reference, are flagged
-in the report instead of being ranked silently.
+Reads every run folder under ``RUNS`` with an evaluation record: ``final_metrics.json`` (the
+evaluation at the end of training, with ``cost.json`` and ``config.yaml``) or, for a multi-stage
+experiment (Relay), ``pipeline_metrics.json`` in its last stage's folder (the pipeline's evaluation,
+with the cost of all its stages together, ``experiments/pipeline.py``). It writes into
+``<RUNS>/compare/``:
+
+- ``table.csv``: one row per run, plain numbers; ``report.md``: the same table with each metric as
+  ``value ± spread`` beside its real-vs-real floor, and the plots below;
+- ``metrics.png``: each metric against training images seen and against training wall-clock, one
+  line per run through its evaluations (``eval/metrics.jsonl``; error bars: the spread), the floor
+  dashed (``experiments/compare_plots.py``);
+- ``samples.png``: the first evaluated samples of every run side by side with real images;
+- ``spectra.png``: the mean power spectrum of every run's samples against the data's, and their ratio.
+
+Runs that were not trained on the same number of images, or not evaluated at the same n against the
+same reference, are flagged in the report instead of being ranked silently.
 """
 
 from __future__ import annotations
@@ -21,8 +31,37 @@ from omegaconf import OmegaConf
 METRIC_ORDER = ("spectral", "swd/avg", "fid", "kid", "precision", "recall")
 
 
+RECORDS = ("pipeline_metrics.json", "final_metrics.json")  # a pipeline's record wins over a stage's
+
+
 def find_runs(root: Path) -> list[Path]:
-    return sorted(p.parent for p in root.rglob("final_metrics.json") if "compare" not in p.parts)
+    """The run folders under ``root`` with a record (a matrix's root, with ``matrix.json``: its cells)."""
+    status = root / "matrix.json"
+    if status.is_file():
+        cells = json.loads(status.read_text()).get("cells", {}).values()
+        dirs = [_under(root, Path(c["run_dir"])) for c in cells if c.get("run_dir")]
+        dirs = list(dict.fromkeys(dirs))  # in the matrix's order
+    else:
+        dirs = [p.parent for name in RECORDS for p in root.rglob(name) if "compare" not in p.parts]
+        dirs = sorted(set(dirs))
+    return [d for d in dirs if any((d / name).is_file() for name in RECORDS)]
+
+
+def _under(root: Path, d: Path) -> Path:
+    """A cell folder recorded relative to where the matrix ran, found under ``root`` from anywhere."""
+    if d.is_absolute() or d.is_dir():
+        return d
+    for i, part in enumerate(d.parts):  # runs/<matrix>/<experiment>/<cell>: after the matrix's name
+        if part == root.name and root.joinpath(*d.parts[i + 1 :]).is_dir():
+            return root.joinpath(*d.parts[i + 1 :])
+    return d
+
+
+def record_of(run_dir: Path) -> tuple[dict[str, Any], bool]:
+    """(the run's evaluation record with its metrics at top level, whether it is a pipeline's)."""
+    pipe = run_dir / RECORDS[0]
+    final = _json(pipe if pipe.is_file() else run_dir / RECORDS[1])
+    return {**final, **final.get("metrics", {})}, pipe.is_file()
 
 
 def _json(path: Path) -> dict[str, Any]:
@@ -44,14 +83,16 @@ def _metrics(final: dict[str, Any]) -> list[str]:
     return [k for k in dict.fromkeys(names) if isinstance(final.get(k), (int, float))]
 
 
-def collect(root: Path) -> list[dict[str, Any]]:
+def collect(root: Path, runs: list[Path] | None = None) -> list[dict[str, Any]]:
     rows = []
-    for run_dir in find_runs(root):
-        final, cost = _json(run_dir / "final_metrics.json"), _json(run_dir / "cost.json")
+    found = find_runs(root) if runs is None else [Path(r) for r in runs]
+    for run_dir in [d for d in found if any((d / name).is_file() for name in RECORDS)]:
+        final, pipeline = record_of(run_dir)
+        cost = final.get("cost", {}) if pipeline else _json(run_dir / "cost.json") or final.get("cost", {})
         method, experiment = _method(run_dir)
         row = {
             "run": str(run_dir.relative_to(root)),
-            "method": method,
+            "method": f"{method} ({len(final.get('stages', {}))} stages)" if pipeline else method,
             "experiment": experiment,
             "params": cost.get("params"),
             "mflop_per_img": None if cost.get("flops_per_image") is None else cost["flops_per_image"] / 1e6,
@@ -90,7 +131,9 @@ def _fmt(v: Any, digits: int = 3) -> str:
     if v is None:
         return "-"
     if isinstance(v, float):
-        return f"{v:.{digits}g}" if abs(v) < 1e5 else f"{v:.3e}"
+        if abs(v) >= 10**digits:  # no exponent for what has more integer digits than asked
+            return f"{v:,.0f}" if abs(v) < 1e9 else f"{v:.3e}"
+        return f"{v:.{digits}g}"
     if isinstance(v, int) and v >= 10_000:
         return f"{v:,}"
     return str(v)
@@ -110,8 +153,9 @@ def markdown(rows: list[dict[str, Any]]) -> str:
     return "\n".join(lines)
 
 
-def write_report(root: Path) -> Path:
-    rows = collect(root)
+def write_report(root: Path, plots: bool = True, runs: list[Path] | None = None) -> Path:
+    """``<root>/compare/``: table, report and plots of the runs under ``root`` (or of ``runs``)."""
+    rows = collect(root, runs)
     if not rows:
         raise FileNotFoundError(f"no run with a final_metrics.json under {root}")
     out = root / "compare"
@@ -131,8 +175,21 @@ def write_report(root: Path) -> Path:
     text += [f"**{w}**" for w in warn] or [
         "Every run saw the same number of training images, n and reference."
     ]
+    if plots:
+        from experiments.compare_plots import write_plots
+
+        written = write_plots(root, rows, out)
+        text += ["", "Plots: " + ", ".join(f"[{p.name}]({p.name})" for p in written)]
+        text += [f"![{p.stem}]({p.name})" for p in written]
     (out / "report.md").write_text("\n".join(text) + "\n")
     return out
+
+
+def print_report(out: Path, stream=None) -> None:
+    """The report on the terminal (without its image links) and the files written."""
+    text = [t for t in (out / "report.md").read_text().splitlines() if not t.startswith("![")]
+    files = ", ".join(str(p) for p in sorted(out.iterdir()) if p.suffix in (".md", ".csv", ".png"))
+    print("\n".join(text) + f"\nwrote {files}", file=stream or sys.stdout, flush=True)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -142,8 +199,7 @@ def main(argv: list[str] | None = None) -> int:
     except FileNotFoundError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    print((out / "report.md").read_text(), end="")
-    print(f"wrote {out / 'report.md'}, {out / 'table.csv'}")
+    print_report(out)
     return 0
 
 

@@ -14,11 +14,15 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
 import pytest
+import torch
+from PIL import Image
 
 from experiments.compare import flags
 from experiments.matrix import load_plan, run_matrix
 from freqdiff.config import ConfigError
+from freqdiff.metrics.evaluator import spectral_distance_from_raps
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -125,6 +129,20 @@ def test_matrix_runs_skips_done_cells_and_reports_a_failing_one(tmp_path):
     report = (tmp_path / "runs" / "tiny" / "compare" / "report.md").read_text()
     assert "| quickstart/ddpm-s0 | DDPMModule |" in report and "(floor " in report
     assert "Every run saw the same number of training images" in report
+    # the plots, from the runs' own evaluations: the saved spectra are the ones the metric was computed from
+    for png in ("metrics.png", "samples.png", "spectra.png"):
+        img = np.asarray(Image.open(tmp_path / "runs" / "tiny" / "compare" / png))
+        assert img.ndim == 3 and img.shape[0] > 100 and img.std() > 10, png
+        assert f"]({png})" in report
+    for name in ("quickstart/ddpm-s0", "quickstart_edm/edm-s0"):
+        run_dir = tmp_path / "runs" / "tiny" / name
+        z = np.load(run_dir / "eval" / "final.npz")
+        assert z["samples"].shape == z["real"].shape == (8, 3, 16, 16) and z["samples"].dtype == np.uint8
+        final = json.loads((run_dir / "final_metrics.json").read_text())
+        pa, pb = (torch.from_numpy(z[k]) for k in ("raps_samples", "raps_real"))
+        assert spectral_distance_from_raps(pa, pb) == pytest.approx(final["spectral"], rel=1e-6)
+    grid = np.asarray(Image.open(tmp_path / "runs" / "tiny" / "compare" / "samples.png"))
+    assert grid.shape[1] > 3 * 6 * 16  # two runs and the real images, side by side
     record = json.loads((tmp_path / "runs" / "tiny" / "matrix.json").read_text())
     assert record["cells"]["broken-s0"]["returncode"] == 2
     # again: the done cells are skipped, the failed one is tried again
