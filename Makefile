@@ -3,20 +3,22 @@ SHELL := /bin/bash
 VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
-EXP ?= quickstart
+EXP ?=
+FID ?=
 ARGS ?=
 DRY ?=
 PYTEST_ARGS ?=
 
-MATRIX ?= quickstart16
+MATRIX ?= quickstart
 LAUNCHER ?= local
 
 .PHONY: help install exp matrix compare test test-all bench board lint format clean-runs
 
 help:  ## the targets, one line each
-	@echo "make exp [EXP=name|path.yaml] [ARGS=\"k=v ...\"] [RUN=runs/<exp>/<name>]  train (or resume) an experiment"
-	@echo "make matrix [MATRIX=quickstart16] [LAUNCHER=local] [ARGS=...]  every cell of experiments/matrices/<MATRIX>.yaml (done cells skipped)"
-	@echo "make compare [RUNS=runs/quickstart16]                 table of the runs under RUNS: RUNS/compare/report.md, table.csv"
+	@echo "make exp [FID=1]                                  the default: five methods compared (runs/quickstart/compare/)"
+	@echo "make exp EXP=name|path.yaml [ARGS=\"k=v ...\"] [RUN=runs/<exp>/<name>]  train (or resume) one experiment"
+	@echo "make matrix [MATRIX=quickstart] [LAUNCHER=local] [FID=1] [ARGS=...]  every cell of experiments/matrices/<MATRIX>.yaml (done cells skipped)"
+	@echo "make compare [RUNS=runs/quickstart]                  the runs under RUNS compared: RUNS/compare/report.md, table.csv, PNGs"
 	@echo "make test / make test-all                         the fast suite / every test (slow, DDP, fault injection)"
 	@echo "make bench                                        side-by-side benchmarks (ratios)"
 	@echo "make shards SRC=folder OUT=folder RES=64,256 [VAL=1000|0.05] ...  image folder -> WebDataset shards (VAL: + held-out val split)"
@@ -35,17 +37,23 @@ $(STAMP): pyproject.toml constraints.txt
 	$(PY) -c "import freqdiff._torchvision_compat as m; m.write_pth()"
 	@touch $(STAMP)
 
-# make exp [EXP=name] [ARGS="key=value ..."]; make exp RUN=runs/<exp>/<name> [ARGS=...] resumes that run
-# from its saved config (only the resumable keys, e.g. trainer.max_steps, may be given).
+# make exp: the default comparison (matrix experiments/matrices/quickstart.yaml: five methods on the
+# embedded data, then runs/quickstart/compare/); FID=1 adds FID. make exp EXP=name [ARGS="key=value ..."]:
+# one experiment; make exp RUN=runs/<exp>/<name> [ARGS=...] resumes that run from its saved config
+# (only the resumable keys, e.g. trainer.max_steps, may be given).
 exp: install
+ifeq ($(EXP)$(RUN),)
+	$(PY) -m experiments.matrix quickstart --launcher local $(if $(filter 1,$(FID)),--fid) $(ARGS)
+else
 	DRY=$(DRY) $(PY) -m experiments $(if $(RUN),resume "$(RUN)",run $(EXP)) $(ARGS)
+endif
 
 # make matrix MATRIX=name|path.yaml [LAUNCHER=local] [ARGS="key=value ..." given to every cell]
 matrix: install
-	$(PY) -m experiments.matrix "$(MATRIX)" --launcher $(LAUNCHER) $(ARGS)
+	$(PY) -m experiments.matrix "$(MATRIX)" --launcher $(LAUNCHER) $(if $(filter 1,$(FID)),--fid) $(ARGS)
 
-# make compare [RUNS=runs/quickstart16]: <RUNS>/compare/report.md and table.csv over its run folders
-RUNS ?= runs/quickstart16
+# make compare [RUNS=runs/quickstart]: <RUNS>/compare/report.md, table.csv and plots over its run folders
+RUNS ?= runs/quickstart
 compare: install
 	$(PY) -m experiments.compare "$(RUNS)"
 

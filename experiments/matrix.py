@@ -2,7 +2,7 @@
 
 A matrix file (``experiments/matrices/<name>.yaml``, or any path) lists cells::
 
-    matrix: quickstart16            # optional; default: the file's name
+    matrix: quickstart              # optional; default: the file's name
     seeds: [0]                      # each cell runs once per seed (run.seed=<seed>)
     overrides: [trainer.max_steps=1000]     # given to every cell (the same budget for every method)
     cells:
@@ -101,8 +101,13 @@ def _strings(value, where: str) -> list[str]:
     return list(value)
 
 
-def load_plan(name: str, root: str | Path = "runs", extra: list[str] | None = None) -> Plan:
-    """The cells of matrix ``name`` (every experiment loaded once, so a bad cell fails here, early)."""
+def load_plan(
+    name: str, root: str | Path = "runs", extra: list[str] | None = None, fid: bool = False
+) -> Plan:
+    """The cells of matrix ``name`` (every experiment loaded once, so a bad cell fails here, early);
+    ``fid``: FID in every cell's evaluation too (``callbacks.eval.fid``, a pipeline's ``evaluate.fid``)."""
+    from experiments.pipeline import is_pipeline
+
     path = resolve_matrix_path(name)
     raw = OmegaConf.load(path)
     if not isinstance(raw, DictConfig):
@@ -129,6 +134,10 @@ def load_plan(name: str, root: str | Path = "runs", extra: list[str] | None = No
         if set(spec.keys()) - CELL_KEYS:
             raise ConfigError(f"{where}: unknown key(s) {sorted(set(spec.keys()) - CELL_KEYS)}")
         own = _strings(spec.get("overrides"), f"{where}.overrides")
+        if fid:
+            own.append(
+                "evaluate.fid=true" if is_pipeline(str(spec.experiment)) else "callbacks.eval.fid=true"
+            )
         for seed in seeds:
             cell_name = f"{cname}-s{seed}"
             where_run = [f"run.root={plan.root}", f"run.name={cell_name}", f"run.seed={seed}"]
@@ -266,7 +275,12 @@ LAUNCHERS = {"local": LocalLauncher}
 
 
 def run_matrix(
-    name: str, root: str | Path = "runs", launcher: str = "local", extra: list[str] | None = None, out=None
+    name: str,
+    root: str | Path = "runs",
+    launcher: str = "local",
+    extra: list[str] | None = None,
+    out=None,
+    fid: bool = False,
 ) -> list[CellResult]:
     """Run every cell of matrix ``name`` that is not done; returns one result per cell (skipped ones too)."""
     out = out or sys.stdout
@@ -275,7 +289,7 @@ def run_matrix(
             f"LAUNCHER={launcher!r}: expected one of {sorted(LAUNCHERS)} "
             "(a Slurm job-array launcher is not part of this version)"
         )
-    plan = load_plan(name, root, extra)
+    plan = load_plan(name, root, extra, fid)
     status = read_status(plan)
     todo = [c for c in plan.cells if not is_done(c, status)]
     results = {
@@ -303,12 +317,11 @@ def run_matrix(
         results[r.name] = r
     ordered = [results[c.name] for c in plan.cells]
     print(summary(plan, ordered), file=out, flush=True)
-    from experiments.compare import write_report
+    from experiments.compare import print_report, write_report
 
     try:  # the comparison of every cell that has its final metrics
-        report = write_report(plan.root)
-        print((report / "report.md").read_text(), file=out, end="", flush=True)
-        print(f"wrote {report / 'report.md'}, {report / 'table.csv'}", file=out, flush=True)
+        report = write_report(plan.root, runs=[c.run_dir for c in plan.cells])
+        print_report(report, out)
     except FileNotFoundError:
         pass  # no cell finished
     return ordered
@@ -338,9 +351,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("overrides", nargs="*", help="key=value given to every cell (after the matrix's own)")
     p.add_argument("--root", default="runs", help="run root (cells go to <root>/<matrix>/...)")
     p.add_argument("--launcher", default="local", help="local")
+    p.add_argument("--fid", action="store_true", help="FID in every evaluation (needs Inception weights)")
     a = p.parse_args(argv)
     try:
-        results = run_matrix(a.matrix, a.root, a.launcher, a.overrides)
+        results = run_matrix(a.matrix, a.root, a.launcher, a.overrides, fid=a.fid)
     except (ConfigError, FileNotFoundError) as e:
         print(f"config error: {e}", file=sys.stderr)
         return 2
