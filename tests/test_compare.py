@@ -128,3 +128,22 @@ def test_evaluations_during_training_are_placed_at_their_images_and_seconds(tmp_
     h = history(tmp_path, row)
     assert [(p["x_images"], p["x_seconds"], p["swd/avg"]) for p in h] == [(16, 5.0, 3.0), (32, 10.0, 2.0)]
     assert plot_metrics(tmp_path, [row], tmp_path / "m.png").stat().st_size > 1000
+
+
+def test_make_exp_runs_the_default_matrix_and_one_experiment_on_request():
+    import subprocess
+
+    root = Path(__file__).resolve().parents[1]
+
+    def last(*args: str) -> str:
+        out = subprocess.run(
+            ["make", "-n", "--no-print-directory", "-C", str(root), "exp", *args],
+            capture_output=True,
+            text=True,
+        )
+        return out.stdout.strip().splitlines()[-1].strip()
+
+    assert last().endswith("-m experiments.matrix quickstart --launcher local")
+    assert last("FID=1").endswith("-m experiments.matrix quickstart --launcher local --fid")
+    assert last("EXP=quickstart_ssd").endswith("-m experiments run quickstart_ssd")
+    assert last("RUN=runs/x/y").endswith('-m experiments resume "runs/x/y"')
