@@ -8,9 +8,10 @@ Everything method-specific is in ``freqdiff.processes.blur.BlurProcess``; this m
   given β the noise is then relatively twice as strong as on [−1, 1], a 4× lower SNR); with
   ``data_range: [0, 1]`` the batch is mapped from the datamodule's [−1, 1] before the process and
   samples are mapped back, which reproduces the official scale and offset. [−1, 1] is the identity.
-- Sampling: ``sampler: ancestral`` is the exact per-coefficient posterior step (η = 1) or its
-  deterministic form (η = 0) on a ``sample_steps`` grid (``sample_ancestral``, as DDPM). Use η = 1
-  with a trained network: the deterministic step carries x_t's high-frequency coefficients forward by
+- Sampling: ``sampler: ancestral`` is the exact per-coefficient posterior step (η = 1), its
+  deterministic form (η = 0) or between, on a ``sample_steps`` grid (``sample_ancestral``, as DDPM;
+  the quickstart: η = 0.5 with ``clip_x0``, docs/methods/blur.md). Avoid η = 0 with a trained
+  network: the deterministic step carries x_t's high-frequency coefficients forward by
   √(Ā_s / Ā_t), which is large where a frequency re-emerges from the noise, so the network's ε error
   there is amplified and the samples turn into Nyquist checkerboards (the quickstart at 50 and at 200
   steps; the exact denoiser, with no error, samples correctly either way, tests/test_blur.py);

@@ -264,7 +264,7 @@ def test_quickstart_blur_through_the_command_line(tmp_path, monkeypatch, capsys)
     run_dir = tmp_path / "runs" / "quickstart_blur" / "default"
     final = json.loads((run_dir / "final_metrics.json").read_text())
     assert final["step"] == 3 and final["n"] == 16 and final["nfe"] == 3
-    assert final["sampler"] == "BlurModule.sample(steps=3, eta=1.0, sampler=ancestral)"
+    assert final["sampler"] == "BlurModule.sample(steps=3, eta=0.5, sampler=ancestral)"
     assert final["spectral"] > 0
     assert (run_dir / "samples_vs_real.png").is_file() and list((run_dir / "strips").glob("*.png"))
 
@@ -273,6 +273,7 @@ def test_quickstart_blur_through_the_command_line(tmp_path, monkeypatch, capsys)
     module, _ = load_run(run_dir)
     x = module.sample([0, 1], steps=2)
     assert isinstance(module, BlurModule) and x.shape == (2, 3, 16, 16) and torch.isfinite(x).all()
+    assert module.clip_x0 is True and module.sample_eta == 0.5  # the quickstart's sampler
 
 
 # ---------------------------------------------------------------------------------- benchmark
