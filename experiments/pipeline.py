@@ -172,6 +172,16 @@ def _evaluate(raw: DictConfig, stages: dict[str, DictConfig]) -> dict:
     return record
 
 
+def _peak_here(kind: str | None) -> int:
+    import torch
+
+    from callbacks.cost import peak_memory
+
+    if kind == "cuda_max_allocated" and torch.cuda.is_available():
+        return peak_memory(torch.device("cuda"))[0]
+    return peak_memory(torch.device("cpu"))[0] if kind == "cpu_rss" else 0
+
+
 def log_scalars(run_dir: Path, record: dict) -> None:
     """The evaluation as TensorBoard scalars of the last stage's run (``eval/<metric>``,
     ``eval/floor/<metric>`` at its step), so the board's comparison charts show the pipeline too."""
@@ -190,7 +200,8 @@ COST_SUMS = ("params", "images_seen", "train_seconds")
 def write_pipeline_metrics(run_dir: Path, record: dict, stage_dirs: dict[str, Path]) -> Path:
     """``<last stage>/pipeline_metrics.json``: the pipeline's evaluation record with the cost of all its
     stages together (``cost``: parameters, images seen and training seconds summed, FLOPs per image
-    weighted by each stage's images, peak memory the largest) and each stage's own (``stage_costs``),
+    weighted by each stage's images, peak memory the largest of the stages' and of this process, which
+    ran the evaluation, as a single-stage run's includes its own) and each stage's (``stage_costs``),
     so ``experiments.compare`` sets the whole pipeline against single-stage methods."""
     costs = {}
     for s, d in stage_dirs.items():
@@ -206,8 +217,10 @@ def write_pipeline_metrics(run_dir: Path, record: dict, stage_dirs: dict[str, Pa
             else None
         )
         total["img_per_s"] = total["images_seen"] / max(total["train_seconds"], 1e-9)
-        total["peak_memory_bytes"] = max(c.get("peak_memory_bytes") or 0 for c in costs.values())
-        total["peak_memory_kind"] = next(iter(costs.values())).get("peak_memory_kind")
+        kind = next(iter(costs.values())).get("peak_memory_kind")
+        here = _peak_here(kind)  # this process's peak: the evaluation's too, as a single-stage run's
+        total["peak_memory_bytes"] = max([c.get("peak_memory_bytes") or 0 for c in costs.values()] + [here])
+        total["peak_memory_kind"] = kind
     total.update(sampler=record.get("sampler"), nfe=record.get("nfe"))
     out = {**record, "stages": {s: str(d) for s, d in stage_dirs.items()}, "cost": total}
     out["stage_costs"] = costs

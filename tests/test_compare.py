@@ -48,6 +48,14 @@ def test_a_pipeline_costs_all_its_stages_and_compares_as_one_run(tmp_path):
     assert cost["flops_per_image"] == pytest.approx((2e6 * 1000 + 6e6 * 3000) / 4000)  # weighted by images
     assert cost["img_per_s"] == pytest.approx(100.0) and cost["peak_memory_bytes"] == 7
     assert cost["nfe"] == 61
+    # CPU memory: the process that ran the evaluation counts too (a single-stage run's peak includes its own)
+    import resource
+
+    for d in (s1, s2):
+        c = json.loads((d / "cost.json").read_text())
+        (d / "cost.json").write_text(json.dumps({**c, "peak_memory_kind": "cpu_rss"}))
+    cost = json.loads(write_pipeline_metrics(s2, record, {"stage1": s1, "stage2": s2}).read_text())["cost"]
+    assert cost["peak_memory_bytes"] >= resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 > 7
     # a single-stage run beside it, with the same budget
     _run(
         tmp_path / "ddpm" / "c-s0",
