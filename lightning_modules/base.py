@@ -143,12 +143,21 @@ class DiffusionModule(L.LightningModule):
         loss = per_sample.mean()
         B = x0.shape[0]
         self.log("train/loss", loss, prog_bar=True, batch_size=B)
-        q = (t.detach() * 4).long().clamp(0, 3)
-        for k in range(4):
-            m = q == k
-            if m.any():
-                self.log(f"train/loss_t{k}", per_sample.detach()[m].mean(), batch_size=int(m.sum()))
+        if self._logs_this_step():  # the logger writes only these steps: no work (and no sync) on the others
+            q = (t.detach() * 4).long().clamp(0, 3)
+            for k in range(4):
+                m = q == k
+                if m.any():
+                    self.log(f"train/loss_t{k}", per_sample.detach()[m].mean(), batch_size=int(m.sum()))
         return loss
+
+    def _logs_this_step(self) -> bool:
+        """Whether the logger writes the values logged at this step (every ``log_every_n_steps``)."""
+        trainer = self._trainer
+        if trainer is None:
+            return True
+        connector = getattr(trainer, "_logger_connector", None)
+        return bool(trainer.loggers) and bool(getattr(connector, "should_update_logs", True))
 
     def optimizer_step(self, epoch, batch_idx, optimizer, optimizer_closure=None) -> None:
         """The optimiser step, then the EMA and image count: both are in place before any callback
@@ -162,9 +171,7 @@ class DiffusionModule(L.LightningModule):
 
     def on_before_optimizer_step(self, optimizer) -> None:
         """``train/lr`` and ``train/grad_norm`` (unclipped) on the steps the logger writes."""
-        trainer = self.trainer
-        connector = getattr(trainer, "_logger_connector", None)
-        if not trainer.loggers or not getattr(connector, "should_update_logs", True):
+        if not self._logs_this_step():
             return
         groups = optimizer.param_groups
         for i, group in enumerate(groups):
@@ -177,10 +184,11 @@ class DiffusionModule(L.LightningModule):
     def on_train_batch_end(self, outputs, batch, batch_idx) -> None:
         batch_images = batch["x0"].shape[0] * self.trainer.world_size
         now = time.perf_counter()
-        if self._t_last is not None:
+        if self._t_last is not None:  # every step: the progress line averages it
             self.log("perf/img_per_s", batch_images / max(now - self._t_last, 1e-9), batch_size=1)
         self._t_last = now
-        self.log("perf/kimg", self.nimg.float() / 1000, batch_size=1)
+        if self._logs_this_step():
+            self.log("perf/kimg", self.nimg.float() / 1000, batch_size=1)
 
     def ema_beta(self, batch_images: int) -> float:
         """The EMA decay of one optimiser step of ``batch_images`` images (global batch)."""
@@ -195,8 +203,7 @@ class DiffusionModule(L.LightningModule):
     def _update_ema(self, batch_images: int) -> None:
         beta = self.ema_beta(batch_images)
         self._last_ema_beta = beta
-        for p_ema, p in zip(self.ema.parameters(), self.denoiser.parameters()):
-            p_ema.lerp_(p.detach(), 1 - beta)
+        torch._foreach_lerp_(list(self.ema.parameters()), list(self.denoiser.parameters()), 1 - beta)
         for b_ema, b in zip(self.ema.buffers(), self.denoiser.buffers()):
             b_ema.copy_(b)
 

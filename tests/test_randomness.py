@@ -120,3 +120,24 @@ def test_fixed_ema_decay_per_step():
     assert m.ema_beta(64) == 0.9999 and m.ema_beta(1024) == 0.9999
     with pytest.raises(ValueError, match="ema_decay"):
         DDPMModule(net, GaussianProcess(resolution=8), UniformTime(), ema_decay=1.5)
+
+
+def test_ema_update_is_the_lerp_of_every_parameter():
+    import torch
+
+    from freqdiff.nets.presets import unet
+    from freqdiff.processes.gaussian import GaussianProcess
+    from freqdiff.timesteps import UniformTime
+    from lightning_modules.ddpm import DDPMModule
+
+    net = unet("tiny", resolution=8, channel_mult=(1, 2), attn_resolutions=())
+    m = DDPMModule(net, GaussianProcess(resolution=8), UniformTime(), ema_decay=0.9)
+    with torch.no_grad():
+        for p in m.denoiser.parameters():
+            p.add_(torch.randn_like(p))
+    before = [e.clone() for e in m.ema.parameters()]
+    m._update_ema(64)
+    pairs = zip(m.ema.parameters(), before, m.denoiser.parameters())
+    for e, e0, p in pairs:  # one fused lerp: ema = 0.9 ema + 0.1 p, parameter by parameter
+        torch.testing.assert_close(e, 0.9 * e0 + 0.1 * p, rtol=1e-6, atol=1e-6)
+    assert any(not torch.equal(e, e0) for e, e0 in zip(m.ema.parameters(), before))
