@@ -23,6 +23,7 @@ from __future__ import annotations
 import warnings
 from collections.abc import Iterator
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -238,8 +239,6 @@ def write_eval_arrays(gen: SetStats, ref: SetStats | None, path, k: int = 64):
     the mean radially averaged power spectrum of all n samples and of the reference (float64
     ``[K + 1]``, bin i = i cycles per image). Written atomically; returns the path.
     """
-    from pathlib import Path
-
     path = Path(path)
     arrays: dict[str, np.ndarray] = {}
     for name, stats in (("samples", gen), ("real", ref)):

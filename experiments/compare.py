@@ -44,7 +44,11 @@ def find_runs(root: Path) -> list[Path]:
     else:
         dirs = [p.parent for name in RECORDS for p in root.rglob(name) if "compare" not in p.parts]
         dirs = sorted(set(dirs))
-    return [d for d in dirs if any((d / name).is_file() for name in RECORDS)]
+    return [d for d in dirs if has_record(d)]
+
+
+def has_record(run_dir: Path) -> bool:
+    return any((run_dir / name).is_file() for name in RECORDS)
 
 
 def _under(root: Path, d: Path) -> Path:
@@ -60,11 +64,11 @@ def _under(root: Path, d: Path) -> Path:
 def record_of(run_dir: Path) -> tuple[dict[str, Any], bool]:
     """(the run's evaluation record with its metrics at top level, whether it is a pipeline's)."""
     pipe = run_dir / RECORDS[0]
-    final = _json(pipe if pipe.is_file() else run_dir / RECORDS[1])
+    final = read_json(pipe if pipe.is_file() else run_dir / RECORDS[1])
     return {**final, **final.get("metrics", {})}, pipe.is_file()
 
 
-def _json(path: Path) -> dict[str, Any]:
+def read_json(path: Path) -> dict[str, Any]:
     return json.loads(path.read_text()) if path.is_file() else {}
 
 
@@ -85,10 +89,12 @@ def _metrics(final: dict[str, Any]) -> list[str]:
 
 def collect(root: Path, runs: list[Path] | None = None) -> list[dict[str, Any]]:
     rows = []
-    found = find_runs(root) if runs is None else [Path(r) for r in runs]
-    for run_dir in [d for d in found if any((d / name).is_file() for name in RECORDS)]:
+    found = find_runs(root) if runs is None else [Path(r) for r in runs if has_record(Path(r))]
+    for run_dir in found:
         final, pipeline = record_of(run_dir)
-        cost = final.get("cost", {}) if pipeline else _json(run_dir / "cost.json") or final.get("cost", {})
+        cost = (
+            final.get("cost", {}) if pipeline else read_json(run_dir / "cost.json") or final.get("cost", {})
+        )
         method, experiment = _method(run_dir)
         row = {
             "run": str(run_dir.relative_to(root)),
@@ -157,7 +163,7 @@ def write_report(root: Path, plots: bool = True, runs: list[Path] | None = None)
     """``<root>/compare/``: table, report and plots of the runs under ``root`` (or of ``runs``)."""
     rows = collect(root, runs)
     if not rows:
-        raise FileNotFoundError(f"no run with a final_metrics.json under {root}")
+        raise FileNotFoundError(f"no run with a {' or '.join(RECORDS)} under {root}")
     out = root / "compare"
     out.mkdir(parents=True, exist_ok=True)
     keys = list(dict.fromkeys(k for r in rows for k in r))

@@ -27,6 +27,8 @@ from typing import Any
 
 import numpy as np
 
+from experiments.compare import read_json, record_of
+
 GRID = 36  # samples per run in samples.png (6 x 6)
 PER_ROW = 3  # panels per row of samples.png
 
@@ -49,14 +51,12 @@ def history(root: Path, row: dict[str, Any]) -> list[dict[str, Any]]:
                     {"step": rec.get("step"), **rec.get("metrics", {}), "spread": rec.get("spread")}
                 )
     if not records:  # a pipeline, or a run without the log: its final record
-        from experiments.compare import record_of
-
         final, _ = record_of(run_dir)
         records = [{**final, "step": None}]
     by_step = {}  # a resumed run may have evaluated the same step twice: keep the last
     for r in records:
         by_step[r["step"]] = r
-    cost = _cost(run_dir)
+    cost = read_json(run_dir / "cost.json")
     last = cost.get("step") or max((s for s in by_step if s is not None), default=None)
     out = []
     for step, r in by_step.items():
@@ -66,11 +66,6 @@ def history(root: Path, row: dict[str, Any]) -> list[dict[str, Any]]:
         r["x_seconds"] = None if row.get("train_s") is None else row["train_s"] * frac
         out.append(r)
     return sorted(out, key=lambda r: r["x_images"] or 0)
-
-
-def _cost(run_dir: Path) -> dict[str, Any]:
-    p = run_dir / "cost.json"
-    return json.loads(p.read_text()) if p.is_file() else {}
 
 
 def _metrics(rows: list[dict[str, Any]]) -> list[str]:

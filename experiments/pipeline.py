@@ -203,10 +203,9 @@ def write_pipeline_metrics(run_dir: Path, record: dict, stage_dirs: dict[str, Pa
     weighted by each stage's images, peak memory the largest of the stages' and of this process, which
     ran the evaluation, as a single-stage run's includes its own) and each stage's (``stage_costs``),
     so ``experiments.compare`` sets the whole pipeline against single-stage methods."""
-    costs = {}
-    for s, d in stage_dirs.items():
-        p = Path(d) / "cost.json"
-        costs[s] = json.loads(p.read_text()) if p.is_file() else {}
+    from callbacks.cost import read_cost, write_json
+
+    costs = {s: read_cost(Path(d)) or {} for s, d in stage_dirs.items()}
     total: dict = {}
     if costs and all(c.get(k) is not None for c in costs.values() for k in COST_SUMS):
         total = {k: sum(c[k] for c in costs.values()) for k in COST_SUMS}
@@ -225,9 +224,7 @@ def write_pipeline_metrics(run_dir: Path, record: dict, stage_dirs: dict[str, Pa
     out = {**record, "stages": {s: str(d) for s, d in stage_dirs.items()}, "cost": total}
     out["stage_costs"] = costs
     path = Path(run_dir) / "pipeline_metrics.json"
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text(json.dumps(out, indent=1) + "\n")
-    tmp.replace(path)
+    write_json(path, out)  # atomic
     return path
 
 
