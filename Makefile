@@ -25,6 +25,9 @@ help:  ## the targets, one line each
 	@echo "make sample RUN=... [N=50000]                      EMA samples of a trained run, resumable chunks"
 	@echo "make eval RUN=... [N=] [REF=]                      its metrics with spreads and floors (default: as in training)"
 	@echo "make board [LOGDIR=runs] [PORT=6006]              TensorBoard on 127.0.0.1"
+	@echo "make submit EXP=name [NODES= GPUS= TIME= PARTITION= ... DRY=1]   Slurm jobs (docs/cluster.md)"
+	@echo "make status [RUN=runs/<exp>/<name> | MATRIX=name]  the Slurm jobs of a run or a matrix"
+	@echo "make test-slurm                                   the slurm tests on a local single-node Slurm"
 	@echo "make lint / make format                           ruff"
 
 # Install once: torch==2.13.0 first (a local CPU wheel here), then the project with the same pin as a
@@ -47,6 +50,32 @@ ifeq ($(EXP)$(RUN),)
 else
 	DRY=$(DRY) $(PY) -m experiments $(if $(RUN),resume "$(RUN)",run $(EXP)) $(ARGS)
 endif
+
+# Slurm (docs/cluster.md): make submit EXP=name [NODES= GPUS= TASKS= PARTITION= TIME=minutes ACCOUNT= QOS=
+# CPUS= MEM=GB CONSTRAINT=] [ARGS="key=value ..."] [DRY=1: print the sbatch scripts]; make status RUN=|MATRIX=
+SLURM_ARGS = $(if $(NODES),cluster.nodes=$(NODES)) $(if $(GPUS),cluster.gpus_per_node=$(GPUS)) \
+	$(if $(TASKS),cluster.tasks_per_node=$(TASKS)) $(if $(PARTITION),cluster.partition=$(PARTITION)) \
+	$(if $(TIME),cluster.time_min=$(TIME)) $(if $(ACCOUNT),cluster.account=$(ACCOUNT)) \
+	$(if $(QOS),cluster.qos=$(QOS)) $(if $(CPUS),cluster.cpus_per_task=$(CPUS)) \
+	$(if $(MEM),cluster.mem_gb=$(MEM)) $(if $(CONSTRAINT),cluster.constraint=$(CONSTRAINT))
+.PHONY: submit status test-slurm slurm-up slurm-down
+submit: install
+	@test -n "$(EXP)" || { echo "make submit EXP=<experiment> [NODES= GPUS= ...]"; exit 2; }
+	DRY=$(DRY) $(PY) -m experiments submit $(EXP) $(SLURM_ARGS) $(ARGS)
+
+status: install
+	$(PY) -m experiments status "$(or $(RUN),$(if $(MATRIX),runs/$(MATRIX)),runs)"
+
+# The slurm tests on a single-node Slurm of this machine (scripts/local_slurm.sh; needs root and apt)
+test-slurm: install
+	scripts/local_slurm.sh install && scripts/local_slurm.sh start
+	SLURM_CONF=$${FREQDIFF_SLURM_DIR:-/tmp/freqdiff-slurm}/slurm.conf $(PY) -m pytest -q -m slurm $(PYTEST_ARGS)
+
+slurm-up:
+	scripts/local_slurm.sh install && scripts/local_slurm.sh start
+
+slurm-down:
+	scripts/local_slurm.sh stop
 
 # make matrix MATRIX=name|path.yaml [LAUNCHER=local] [ARGS="key=value ..." given to every cell]
 matrix: install

@@ -79,6 +79,8 @@ class CheckpointOnException(L.Callback):
     def on_exception(self, trainer, pl_module, exception: BaseException) -> None:
         if trainer.global_step == 0:
             return
+        if any(c._last_global_step_saved == trainer.global_step for c in trainer.checkpoint_callbacks):
+            return  # saved at this step already (a periodic checkpoint, or callbacks/requeue.py's)
         if not all(torch.isfinite(p).all() for p in pl_module.parameters()):
             print(f"not checkpointing after {type(exception).__name__}: the weights are not finite")
             return

@@ -4,7 +4,9 @@
 resume a run folder from its saved config; only resumable keys such as ``trainer.max_steps`` may be given),
 ``python -m experiments sample RUN [--n N ...]`` (``make sample``) and
 ``python -m experiments eval RUN [--n N] [--ref REF ...]`` (``make eval``; see experiments/evaluate.py:
-with no options a run is evaluated exactly as its own Evaluate callback did).
+with no options a run is evaluated exactly as its own Evaluate callback did),
+``python -m experiments submit EXP [key=value ...]`` (``make submit``: Slurm jobs through submitit,
+experiments/cluster.py) and ``python -m experiments status PATH`` (``make status``: their state).
 
 ``DRY=1`` prints the resolved config as the run will use it and exits, writing nothing: a
 ``data.resolution: null`` is read from the manifest at ``data.path`` (else the synthetic generator's
@@ -37,10 +39,18 @@ def main(argv: list[str] | None = None) -> int:
     p_res.add_argument("run", help="run folder: <run.root>/<experiment>/<run.name>")
     p_res.add_argument("overrides", nargs="*", help="resumable key=value overrides (trainer.max_steps=...)")
     p_res.add_argument("--dry", action="store_true", help="print the config it would resume with")
+    p_sub = sub.add_parser("submit", help="submit an experiment to Slurm (experiments/cluster.py)")
+    p_sub.add_argument("exp", help="experiment name under experiments/ or a path to a .yaml")
+    p_sub.add_argument("overrides", nargs="*", help="key=value overrides (cluster.nodes=2 ...)")
+    p_sub.add_argument("--dry", action="store_true", help="print the sbatch scripts and exit (also DRY=1)")
+    p_st = sub.add_parser("status", help="the Slurm jobs of a run folder or a matrix")
+    p_st.add_argument("path", help="run folder, or a folder above run folders (runs/<matrix>)")
     _add_sample_eval(sub)
     args = parser.parse_args(argv)
     if args.cmd in ("sample", "eval"):
         return _sample_eval(args)
+    if args.cmd in ("submit", "status"):
+        return _cluster(args)
     from callbacks.checkpoint import TrainingDiverged
     from datamodules.health import BadDataError
 
@@ -81,6 +91,20 @@ def main(argv: list[str] | None = None) -> int:
         return _fail("error", e, code=3)
     except BadDataError as e:  # too much of the data is unreadable (datamodules/health.py)
         return _fail("data error", e)
+
+
+def _cluster(args) -> int:
+    from experiments import cluster
+
+    try:
+        if args.cmd == "status":
+            return cluster.status(args.path)
+        cluster.submit(args.exp, args.overrides, dry=bool(args.dry or env_flag("DRY")))
+        return 0
+    except (ConfigError, FileNotFoundError) as e:
+        return _fail("config error", e)
+    except cluster.SubmitError as e:
+        return _fail("slurm error", e)
 
 
 def _fail(prefix: str, e: BaseException, code: int = 2) -> int:

@@ -18,9 +18,9 @@ records each cell's status; a cell recorded as done with the same command is ski
 resumes from its last checkpoint (the runner's own resume), a failed one runs again.
 
 Launchers: ``local`` (one cell after another on this machine, progress lines prefixed with the cell
-and the matrix's ETA). A launcher is a class with
+and the matrix's ETA) and ``slurm`` (job arrays, experiments/cluster_matrix.py). A launcher is a class with
 ``launch(plan, todo, on_result) -> list[CellResult]`` (``on_result(cell, result)`` records each cell as
-it ends); the cluster's job-array launcher plugs in here.
+it ends).
 """
 
 from __future__ import annotations
@@ -271,7 +271,13 @@ class LocalLauncher:
         self.out.flush()
 
 
-LAUNCHERS = {"local": LocalLauncher}
+def _slurm(out=None):
+    from experiments.cluster_matrix import SlurmLauncher
+
+    return SlurmLauncher(out)
+
+
+LAUNCHERS = {"local": LocalLauncher, "slurm": _slurm}  # slurm: experiments/cluster_matrix.py
 
 
 def run_matrix(
@@ -285,10 +291,7 @@ def run_matrix(
     """Run every cell of matrix ``name`` that is not done; returns one result per cell (skipped ones too)."""
     out = out or sys.stdout
     if launcher not in LAUNCHERS:
-        raise ConfigError(
-            f"LAUNCHER={launcher!r}: expected one of {sorted(LAUNCHERS)} "
-            "(a Slurm job-array launcher is not part of this version)"
-        )
+        raise ConfigError(f"LAUNCHER={launcher!r}: expected one of {sorted(LAUNCHERS)}")
     plan = load_plan(name, root, extra, fid)
     status = read_status(plan)
     todo = [c for c in plan.cells if not is_done(c, status)]
@@ -350,13 +353,16 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("matrix", help="matrix name under experiments/matrices/ or a path")
     p.add_argument("overrides", nargs="*", help="key=value given to every cell (after the matrix's own)")
     p.add_argument("--root", default="runs", help="run root (cells go to <root>/<matrix>/...)")
-    p.add_argument("--launcher", default="local", help="local")
+    p.add_argument("--launcher", default="local", help="local | slurm")
     p.add_argument("--fid", action="store_true", help="FID in every evaluation (needs Inception weights)")
     a = p.parse_args(argv)
     try:
         results = run_matrix(a.matrix, a.root, a.launcher, a.overrides, fid=a.fid)
     except (ConfigError, FileNotFoundError) as e:
         print(f"config error: {e}", file=sys.stderr)
+        return 2
+    except RuntimeError as e:  # experiments.cluster.SubmitError: sbatch refused a job
+        print(f"slurm error: {e}", file=sys.stderr)
         return 2
     return 1 if any(r.status == "failed" for r in results) else 0
 

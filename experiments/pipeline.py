@@ -114,8 +114,12 @@ def evaluation_done(run_dir: Path, kwargs: dict) -> Path | None:
     return path if path.is_file() else None
 
 
-def run_pipeline(exp: str, overrides: list[str] | None = None, dry: bool = False) -> dict:
-    """Run the parts of a pipeline experiment in order (or ``pipeline.only``); returns {part: result}."""
+def run_pipeline(
+    exp: str, overrides: list[str] | None = None, dry: bool = False, callbacks: list | None = None
+) -> dict:
+    """Run the parts of a pipeline experiment in order (or ``pipeline.only``); returns {part: result}.
+
+    ``callbacks`` are added to every stage's trainer (the cluster job's requeue callback)."""
     from experiments.runner import run
 
     raw, stages = load_pipeline(exp, overrides)
@@ -135,7 +139,7 @@ def run_pipeline(exp: str, overrides: list[str] | None = None, dry: bool = False
         cfg = stages[part]
         if cfg.data.get("resolution", 0) is None:
             raise ConfigError(f"stages.{part}.data.resolution: a stage must name its resolution")
-        out = run(cfg, data_note="set in the stage's config")
+        out = run(cfg, callbacks=callbacks, data_note="set in the stage's config")
         results[part] = {"run_dir": out["run_dir"]}
         del out  # the trained module, optimiser state and trainer: free them before the next part
         gc.collect()

@@ -24,8 +24,12 @@ RESUMABLE_KEYS = (
     "trainer.enable_progress_bar",
     "trainer.enable_model_summary",
     "run.resume",
+    "trainer.devices",  # the world size may change on resume (lightning_modules/base.py, "Randomness")
+    "trainer.num_nodes",
+    "trainer.accelerator",  # a run started on a laptop continues on the cluster
 )
 RESUMABLE_SUFFIXES = ("every_n_steps",)
+RESUMABLE_PREFIXES = ("cluster.",)  # where and how the jobs run (experiments/cluster.py)
 # keys that only say where a run lives: a run folder moved or copied elsewhere is the same run
 LOCATION_KEYS = ("run.root", "run.name", "experiment")
 
@@ -59,10 +63,13 @@ def config_diff(old: dict, new: dict) -> list[str]:
     return [
         f"{k}: {a.get(k, '<absent>')!r} -> {b.get(k, '<absent>')!r}"
         for k in keys
-        if a.get(k, "<absent>") != b.get(k, "<absent>")
-        and k not in RESUMABLE_KEYS
-        and not k.endswith(RESUMABLE_SUFFIXES)
+        if a.get(k, "<absent>") != b.get(k, "<absent>") and not resumable(k)
     ]
+
+
+def resumable(key: str) -> bool:
+    """Whether ``key`` may differ between a run's saved config and the one that resumes it."""
+    return key in RESUMABLE_KEYS or key.endswith(RESUMABLE_SUFFIXES) or key.startswith(RESUMABLE_PREFIXES)
 
 
 def _rebase(value: Any, old_root: str, new_root: str) -> Any:
@@ -115,10 +122,11 @@ def load_saved(run_dir: str | Path, overrides: list[str]) -> DictConfig:
         )
     for item in overrides:
         key = item.split("=", 1)[0].lstrip("+")
-        if key not in RESUMABLE_KEYS and not key.endswith(RESUMABLE_SUFFIXES):
+        if not resumable(key):
             raise ConfigError(
                 f"{key}: cannot be changed when resuming {run_dir} (resumable: "
-                f"{', '.join(RESUMABLE_KEYS)}, *.every_n_steps); start a new run with `make exp` instead"
+                f"{', '.join(RESUMABLE_KEYS)}, *.every_n_steps, cluster.*); "
+                "start a new run with `make exp` instead"
             )
     try:
         saved_cfg = OmegaConf.to_container(OmegaConf.load(saved), resolve=True)

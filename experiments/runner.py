@@ -32,6 +32,7 @@ import lightning as L
 import torch
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.loggers import TensorBoardLogger
+from lightning.pytorch.plugins.environments import SLURMEnvironment
 from omegaconf import DictConfig, OmegaConf
 
 from callbacks.checkpoint import (
@@ -176,13 +177,16 @@ def build_trainer(cfg: DictConfig, run_dir: Path, extra_callbacks: list) -> L.Tr
         EmbedConfig(OmegaConf.to_container(cfg, resolve=True)),
     ]
     first = [FinishRun(ckpt_dir / "last.ckpt"), StopOnDivergence()]  # before the end-of-training work
+    plugins: list = [AtomicCheckpointIO()]
+    if SLURMEnvironment.detect():  # ranks from srun; requeue is callbacks/requeue.py's, not Lightning's
+        plugins.append(SLURMEnvironment(auto_requeue=False))
     try:
         return L.Trainer(
             **kwargs,
             logger=logger,
             callbacks=first + progress + extra_callbacks + checkpointing,
             enable_progress_bar=False,  # Lightning's bar: replaced by ProgressLine
-            plugins=[AtomicCheckpointIO()],
+            plugins=plugins,
             default_root_dir=str(run_dir),
         )
     except (ValueError, TypeError) as e:  # Lightning's MisconfigurationException is a ValueError
