@@ -178,23 +178,29 @@ def plot_spectra(root: Path, rows: list[dict[str, Any]], path: Path) -> Path | N
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    curves, data = {}, None
+    curves, data = {}, {}  # data: the reference spectrum per number of bins (one per resolution)
     for r in rows:
         a = _arrays(root, r)
         if a is None or "raps_samples" not in a:
             continue
         curves[_label(r)] = a["raps_samples"]
-        if data is None and "raps_real" in a:
-            data = a["raps_real"]
-    if not curves or data is None:
+        if "raps_real" in a:
+            data.setdefault(len(a["raps_real"]), a["raps_real"])
+    curves = {k: p for k, p in curves.items() if len(p) in data}  # each against its resolution's data
+    if not curves:
         return None
     fig, (ax, bx) = plt.subplots(1, 2, figsize=(11, 4))
-    f = np.arange(len(data))
-    keep = (f > 0) & (data > 0)  # the DC bin is the mean colour, not a frequency
-    ax.loglog(f[keep], data[keep], "k-", lw=2.5, label="data (reference)")
+    for (n, d), style in zip(sorted(data.items()), ("k-", "k--", "k:", "k-.")):
+        f = np.arange(n)
+        keep = (f > 0) & (d > 0)  # the DC bin is the mean colour, not a frequency
+        what = "data (reference)" if len(data) == 1 else f"data, {2 * (n - 1)}² (reference)"
+        ax.loglog(f[keep], d[keep], style, lw=2.5, label=what)
     for label, p in curves.items():
+        d = data[len(p)]
+        f = np.arange(len(p))
+        keep = (f > 0) & (d > 0)
         ax.loglog(f[keep], p[keep], marker=".", label=label)
-        bx.semilogy(f[keep], p[keep] / data[keep], marker=".", label=label)
+        bx.semilogy(f[keep], p[keep] / d[keep], marker=".", label=label)
     bx.axhline(1.0, color="k", lw=1.5)
     ax.set_xlabel("frequency (cycles per image)")
     ax.set_ylabel("mean power")
