@@ -139,6 +139,11 @@ def auto_precision(device_type: str) -> str:
     return "bf16-mixed" if device_type == "cpu" and cpu_has_bf16() else "32-true"
 
 
+def under_srun() -> bool:
+    """Launched by srun in a batch job (as ``SLURMEnvironment.detect`` decides, without its warning)."""
+    return "SLURM_NTASKS" in os.environ and os.environ.get("SLURM_JOB_NAME") not in ("bash", "interactive")
+
+
 def build_trainer(cfg: DictConfig, run_dir: Path, extra_callbacks: list) -> L.Trainer:
     """The Trainer of ``cfg.trainer``; ``enable_progress_bar`` means the runner's ``ProgressLine``."""
     kwargs = OmegaConf.to_container(cfg.trainer, resolve=True)
@@ -178,7 +183,7 @@ def build_trainer(cfg: DictConfig, run_dir: Path, extra_callbacks: list) -> L.Tr
     ]
     first = [FinishRun(ckpt_dir / "last.ckpt"), StopOnDivergence()]  # before the end-of-training work
     plugins: list = [AtomicCheckpointIO()]
-    if SLURMEnvironment.detect():  # ranks from srun; requeue is callbacks/requeue.py's, not Lightning's
+    if under_srun():  # ranks from srun; requeue is callbacks/requeue.py's, not Lightning's
         plugins.append(SLURMEnvironment(auto_requeue=False))
     try:
         return L.Trainer(

@@ -155,3 +155,20 @@ def test_make_exp_runs_the_default_matrix_and_one_experiment_on_request():
     assert last("FID=1").endswith("-m experiments.matrix quickstart --launcher local --fid")
     assert last("EXP=quickstart_ssd").endswith("-m experiments run quickstart_ssd")
     assert last("RUN=runs/x/y").endswith('-m experiments resume "runs/x/y"')
+
+
+def test_the_spectra_plot_sets_each_run_against_the_data_at_its_own_resolution(tmp_path):
+    """A matrix may mix resolutions (16² cells, a 32² Relay cell): each spectrum has its own bins."""
+    import numpy as np
+
+    from experiments.compare_plots import plot_spectra
+
+    rows = []
+    for name, bins in (("a16", 9), ("b32", 17), ("c32", 17)):
+        d = tmp_path / name / "eval"
+        d.mkdir(parents=True)
+        f = np.arange(bins, dtype=float)
+        np.savez(d / "final.npz", raps_samples=1.0 / (1 + f) ** 2, raps_real=1.5 / (1 + f) ** 2)
+        rows.append({"run": name, "method": "M"})
+    path = plot_spectra(tmp_path, rows, tmp_path / "spectra.png")
+    assert path is not None and path.is_file() and path.stat().st_size > 10_000
