@@ -86,7 +86,7 @@ def slurm_job_id() -> str | None:
 class SlurmRequeue(L.Callback):
     """Steps 2 and 3 of the module docstring; ``watch`` must have been called (the job function does)."""
 
-    def __init__(self, max_requeues: int = 20, check_every_n_steps: int = 1, signal_name: str = "USR2"):
+    def __init__(self, max_requeues: int = 50, check_every_n_steps: int = 1, signal_name: str = "USR2"):
         self.max_requeues, self.every = int(max_requeues), int(check_every_n_steps)
         self.signal_name = signal_name
 

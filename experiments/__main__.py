@@ -31,18 +31,15 @@ from freqdiff.config import ConfigError, env_flag, load, to_yaml
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m experiments", description=__doc__)
     sub = parser.add_subparsers(dest="cmd", required=True)
-    p_run = sub.add_parser("run", help="train (or resume) an experiment")
-    p_run.add_argument("exp", help="experiment name under experiments/ or a path to a .yaml")
-    p_run.add_argument("overrides", nargs="*", help="key=value overrides")
-    p_run.add_argument("--dry", action="store_true", help="print the resolved config and exit (also DRY=1)")
+    _experiment_args(
+        sub.add_parser("run", help="train (or resume) an experiment"), "print the resolved config"
+    )
     p_res = sub.add_parser("resume", help="resume a run folder from its saved config")
     p_res.add_argument("run", help="run folder: <run.root>/<experiment>/<run.name>")
     p_res.add_argument("overrides", nargs="*", help="resumable key=value overrides (trainer.max_steps=...)")
     p_res.add_argument("--dry", action="store_true", help="print the config it would resume with")
     p_sub = sub.add_parser("submit", help="submit an experiment to Slurm (experiments/cluster.py)")
-    p_sub.add_argument("exp", help="experiment name under experiments/ or a path to a .yaml")
-    p_sub.add_argument("overrides", nargs="*", help="key=value overrides (cluster.nodes=2 ...)")
-    p_sub.add_argument("--dry", action="store_true", help="print the sbatch scripts and exit (also DRY=1)")
+    _experiment_args(p_sub, "print the sbatch scripts")
     p_st = sub.add_parser("status", help="the Slurm jobs of a run folder or a matrix")
     p_st.add_argument("path", help="run folder, or a folder above run folders (runs/<matrix>)")
     _add_sample_eval(sub)
@@ -91,6 +88,12 @@ def main(argv: list[str] | None = None) -> int:
         return _fail("error", e, code=3)
     except BadDataError as e:  # too much of the data is unreadable (datamodules/health.py)
         return _fail("data error", e)
+
+
+def _experiment_args(p: argparse.ArgumentParser, dry: str) -> None:
+    p.add_argument("exp", help="experiment name under experiments/ or a path to a .yaml")
+    p.add_argument("overrides", nargs="*", help="key=value overrides (cluster.* for Slurm resources)")
+    p.add_argument("--dry", action="store_true", help=f"{dry} and exit (also DRY=1)")
 
 
 def _cluster(args) -> int:

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 import time
@@ -207,7 +208,7 @@ def record_job(run_dir: Path, entry: dict) -> None:
 
 def queue() -> dict[str, tuple[str, str]]:
     """{job id: (state, time used or why pending)} of this user's queued and running jobs (array tasks
-    one by one); {} where squeue is not there (FileNotFoundError is raised by ``submit`` instead)."""
+    one by one); {} where squeue is not there (``executor`` then raises ``SubmitError``)."""
     try:
         out = subprocess.run(
             ["squeue", "--me", "-h", "-r", "-o", "%i|%T|%M|%r"], capture_output=True, text=True, timeout=60
@@ -223,26 +224,24 @@ def queue() -> dict[str, tuple[str, str]]:
     return jobs
 
 
-def active_jobs(run_dir: Path, q: dict | None = None) -> list[tuple[str, str]]:
-    """(job id, state) of the jobs recorded for ``run_dir`` that Slurm still has queued or running."""
+def active_jobs(r: Request, q: dict | None = None) -> list[tuple[str, str]]:
+    """(job id, state) of the jobs recorded for ``r``'s run (and part, for a pipeline's) that Slurm
+    still has queued or running."""
     q = queue() if q is None else q
-    return [(j["job"], q[j["job"]][0]) for j in read_jobs(run_dir) if q.get(j["job"], ("",))[0] in ACTIVE]
+    jobs = [j for j in read_jobs(r.run_dir) if r.part in (None, j.get("part"))]
+    return [(j["job"], q[j["job"]][0]) for j in jobs if q.get(j["job"], ("",))[0] in ACTIVE]
 
 
 def refuse_active(reqs: list[Request], q: dict | None = None) -> None:
     q = queue() if q is None else q
     for r in reqs:
-        busy = [(j, s) for j, s in active_jobs(r.run_dir, q) if r.part in (None, _part_of(r.run_dir, j))]
+        busy = active_jobs(r, q)
         if busy:
             jobs = ", ".join(f"{j} ({s})" for j, s in busy)
             raise ConfigError(
                 f"{r.run_dir}: job {jobs} of this run is still queued or running; not submitting it again "
                 f"(make status RUN={r.run_dir}; scancel {busy[0][0]} to stop it)"
             )
-
-
-def _part_of(run_dir: Path, job: str) -> str | None:
-    return next((j.get("part") for j in read_jobs(run_dir) if j["job"] == job), None)
 
 
 class SubmitError(RuntimeError):
@@ -292,13 +291,19 @@ def submit(exp: str, overrides: list[str] | None = None, dry: bool = False, out=
             print("# overrides: " + " ".join(r.overrides), file=out)
             print(sbatch_text(r, dep), file=out)
         return {}
-    if not _has("sbatch"):
-        raise SubmitError("sbatch not found: `make submit` needs a Slurm cluster (docs/cluster.md)")
     refuse_active(reqs)
+    return submit_requests(reqs, out)
+
+
+def submit_requests(reqs: list[Request], out) -> dict[str, str]:
+    """One job per request, in order, each ``afterok`` on the ones it names; {job name: job id}."""
     ids: dict[str, str] = {}
     for r in reqs:
-        dep = "afterok:" + ":".join(ids[a] for a in r.after if a in ids) if r.after else None
-        ex = executor(r.log_folder, sbatch_parameters(r.cluster, r.name, dep))
+        after = [ids[a] for a in r.after if a in ids]
+        ex = executor(
+            r.log_folder,
+            sbatch_parameters(r.cluster, r.name, "afterok:" + ":".join(after) if after else None),
+        )
         job = send(ex, TrainJob(r.exp, r.overrides, r.part, r.cluster))
         ids[r.name] = str(job.job_id)
         note(r, str(job.job_id), Path(job.paths.stdout), out)
@@ -320,9 +325,7 @@ def note(r: Request, job: str, log: Path, out) -> None:
 
 
 def _has(cmd: str) -> bool:
-    from shutil import which
-
-    return which(cmd) is not None
+    return shutil.which(cmd) is not None
 
 
 # ------------------------------------------------------------------ make status

@@ -12,8 +12,6 @@ from __future__ import annotations
 
 import json
 import sys
-import time
-from dataclasses import asdict
 
 from submitit.core.utils import FailedJobError
 
@@ -27,8 +25,9 @@ from experiments.cluster import (
     requests_for,
     sbatch_parameters,
     send,
+    submit_requests,
 )
-from experiments.matrix import Cell, CellResult, Plan, read_status, write_status
+from experiments.matrix import Cell, CellResult, Plan, read_status, status_entry, write_status
 
 
 def finished(cell: Cell) -> bool:
@@ -50,13 +49,7 @@ class FinishMatrix:
             ok = finished(c)
             reason = "" if ok else "no final outputs: see make status MATRIX=" + self.plan.matrix
             r = CellResult(c.name, "done" if ok else "failed", run_dir=str(c.run_dir), reason=reason)
-            status["cells"][c.name] = {
-                **{k: v for k, v in asdict(r).items() if k != "name"},
-                "experiment": c.experiment,
-                "overrides": c.overrides,
-                "digest": c.digest,
-                "finished": time.strftime("%Y-%m-%dT%H:%M:%S"),
-            }
+            status["cells"][c.name] = status_entry(c, r)
         write_status(self.plan, status)
         try:
             return {"report": str(write_report(self.plan.root, runs=[c.run_dir for c in self.plan.cells]))}
@@ -75,7 +68,7 @@ class SlurmLauncher:
         for cell in todo:
             reqs = requests_for(cell.experiment, cell.overrides)
             first = first or reqs[0].cluster  # the compare job's partition, account, ...
-            busy = [js for r in reqs for js in active_jobs(r.run_dir, q)]
+            busy = [js for r in reqs for js in active_jobs(r, q)]
             if busy or finished(cell):
                 why = f"job {busy[0][0]} is {busy[0][1]}" if busy else "its outputs are there"
                 results.append(CellResult(cell.name, "skipped", run_dir=str(cell.run_dir), reason=why))
@@ -84,13 +77,7 @@ class SlurmLauncher:
                 key = json.dumps(sbatch_parameters(reqs[0].cluster, plan.matrix), sort_keys=True)
                 groups.setdefault(key, []).append((cell, reqs[0]))
                 continue
-            got = {}  # a pipeline: its stage jobs, then its evaluation after them
-            for r in reqs:
-                dep = "afterok:" + ":".join(got[a] for a in r.after if a in got) if r.after else None
-                ex = executor(r.log_folder, sbatch_parameters(r.cluster, r.name, dep))
-                job = send(ex, TrainJob(r.exp, r.overrides, r.part, r.cluster))
-                got[r.name] = str(job.job_id)
-                note(r, str(job.job_id), job.paths.stdout, self.out)
+            got = submit_requests(reqs, self.out)  # a pipeline: its stages, then its evaluation after them
             ids += got.values()
             results.append(self._submitted(cell, ", ".join(got.values()), on_result))
         folder = (plan.root / "slurm").resolve()

@@ -37,6 +37,7 @@ from pathlib import Path
 
 from omegaconf import DictConfig, ListConfig, OmegaConf
 
+from experiments.cluster import SubmitError
 from freqdiff.config import ConfigError, load
 
 HERE = Path(__file__).resolve().parent
@@ -185,6 +186,17 @@ def write_status(plan: Plan, status: dict) -> None:
     os.replace(tmp, p)
 
 
+def status_entry(cell: Cell, r: CellResult) -> dict:
+    """A cell's record in ``matrix.json``: its result, its command and digest, and when."""
+    return {
+        **{k: v for k, v in asdict(r).items() if k != "name"},
+        "experiment": cell.experiment,
+        "overrides": cell.overrides,
+        "digest": cell.digest,
+        "finished": time.strftime("%Y-%m-%dT%H:%M:%S"),
+    }
+
+
 def is_done(cell: Cell, status: dict) -> bool:
     s = status["cells"].get(cell.name, {})
     return s.get("status") == "done" and s.get("digest") == cell.digest and cell.run_dir.is_dir()
@@ -307,13 +319,7 @@ def run_matrix(
     )
 
     def record(cell: Cell, r: CellResult) -> None:
-        status["cells"][cell.name] = {
-            **{k: v for k, v in asdict(r).items() if k != "name"},
-            "experiment": cell.experiment,
-            "overrides": cell.overrides,
-            "digest": cell.digest,
-            "finished": time.strftime("%Y-%m-%dT%H:%M:%S"),
-        }
+        status["cells"][cell.name] = status_entry(cell, r)
         write_status(plan, status)
 
     for r in LAUNCHERS[launcher](out).launch(plan, todo, record):
@@ -361,7 +367,7 @@ def main(argv: list[str] | None = None) -> int:
     except (ConfigError, FileNotFoundError) as e:
         print(f"config error: {e}", file=sys.stderr)
         return 2
-    except RuntimeError as e:  # experiments.cluster.SubmitError: sbatch refused a job
+    except SubmitError as e:  # sbatch refused a job (LAUNCHER=slurm)
         print(f"slurm error: {e}", file=sys.stderr)
         return 2
     return 1 if any(r.status == "failed" for r in results) else 0
