@@ -124,7 +124,7 @@ def framework_arm(overrides: list[str], root: Path, steps_per_segment: int):
     return segment
 
 
-def bench_case(name: str, extra: list[str], steps: int) -> dict:
+def bench_case(name: str, extra: list[str], steps: int, segments: int = SEGMENTS) -> dict:
     from freqdiff.config import load
 
     with tempfile.TemporaryDirectory() as tmp:
@@ -132,7 +132,7 @@ def bench_case(name: str, extra: list[str], steps: int) -> dict:
         bare = bare_arm(load("quickstart", [*overrides, f"run.root={tmp}/bare"]), steps)
         fw = framework_arm(overrides, Path(tmp) / "runs", steps)
         times: dict[str, list[float]] = {"bare": [], "framework": []}
-        for _ in range(SEGMENTS):
+        for _ in range(segments):
             times["bare"] += bare()
             times["framework"] += fw()
     med = {k: statistics.median(v) for k, v in times.items()}

@@ -129,7 +129,12 @@ def _add_sample_eval(sub) -> None:
         if name == "sample":
             p.add_argument("--n", type=int, default=50000, help="number of samples (default 50000)")
             p.add_argument("--seed", type=int, default=0, help="first per-sample seed (seeds seed..seed+n-1)")
-            p.add_argument("--batch-size", type=int, default=64, help="seeds per sampler call")
+            p.add_argument(
+                "--batch-size",
+                type=int,
+                default=None,
+                help="seeds per sampler call (default: from free GPU memory; 64 on the CPU)",
+            )
             p.add_argument("--chunk", type=int, default=1000, help="seeds per resumable chunk")
         else:
             p.add_argument("--n", type=int, default=None, help="number of samples" + own % 50000)

@@ -46,6 +46,7 @@ from callbacks.reference import NFECounter, describe_floor, write_eval_arrays
 from experiments.chunks import chunk_path, read_chunk, write_chunk  # noqa: F401  (re-exported)
 from experiments.eval_options import DEFAULTS, record_name, resolve_options
 from experiments.eval_reference import build_reference, write_panel
+from experiments.sample_batch import auto_batch_size
 from freqdiff.checkpoints import load_run, read_checkpoint, run_folder
 from freqdiff.metrics.evaluator import SetStats, bootstrap_spread, compare, quantize
 from freqdiff.metrics.fid import InceptionFeatures, InceptionWeightsNotFound, inception_available
@@ -74,7 +75,8 @@ def sampler_settings(
     module, run: str, cfg, steps: int | None, eta: float | None, precision: str | None
 ) -> dict:
     """What the samples depend on besides the seeds: checkpoint step, sampler steps / eta, precision."""
-    ckpt_step = int(read_checkpoint(run)["global_step"])
+    ckpt_step = getattr(module, "checkpoint_step", None)  # load_run's; else read it again
+    ckpt_step = int(read_checkpoint(run)["global_step"] if ckpt_step is None else ckpt_step)
     return {
         "step": ckpt_step,
         "steps": steps if steps is not None else getattr(module, "sample_steps", None),
@@ -137,7 +139,7 @@ def sample_run(
     seed: int = 0,  # first seed
     steps: int | None = None,  # sampler steps (None: the module's default)
     eta: float | None = None,  # sampler eta (None: the module's default)
-    batch_size: int = 64,  # seeds per sample() call
+    batch_size: int | None = None,  # seeds per sample() call (None: from free GPU memory, 64 on CPU)
     workers: int | None = None,  # processes (None: local GPUs, else 1)
     precision: str | None = None,  # None: the run's trainer.precision
     out: str | None = None,  # folder (None: <run>/generated/<tag>)
@@ -158,21 +160,26 @@ def sample_run(
         if read_chunk(folder, c, list(range(seed + a, seed + b))) is None
     ]
     print(f"sample: {n} images to {folder} ({len(todo)} of {len(chunk_ranges(n, chunk))} chunks to do)")
-    if todo:
-        w = workers or default_workers()
-        _run_workers(
-            _sample_worker,
-            min(w, len(todo)),
-            (run, folder, n, chunk, seed, s, fmt, batch_size, todo, progress),
-        )
+    args = (run, folder, n, chunk, seed, s, fmt, batch_size, todo, progress)
+    w = min(workers or default_workers(), len(todo))
+    if w == 1:  # in this process, with the module already loaded
+        _sample_worker(0, 1, *args, module=module)
+    elif todo:
+        _run_workers(_sample_worker, w, args)
     return folder
 
 
-def _sample_worker(w, workers, run, folder, n, chunk, seed, s, fmt, batch_size, todo, progress) -> None:
+def _sample_worker(
+    w, workers, run, folder, n, chunk, seed, s, fmt, batch_size, todo, progress, module=None
+) -> None:
     device = _device_for(w, workers)
-    module, _ = _load(run, device)
+    module = _load(run, device)[0] if module is None else module.to(device)
     ranges = chunk_ranges(n, chunk)
     mine = todo[w::workers]
+    if batch_size is None:
+        batch_size = auto_batch_size(module, s, device, cap=chunk)
+        if progress:
+            print(f"sample[{w}]: batch size {batch_size} on {device}", flush=True)
     bar = tqdm(
         total=sum(ranges[c][1] - ranges[c][0] for c in mine),
         disable=not progress,

@@ -28,7 +28,9 @@ RESUMABLE_KEYS = (
     "trainer.num_nodes",
     "trainer.accelerator",  # a run started on a laptop continues on the cluster
 )
-RESUMABLE_SUFFIXES = ("every_n_steps",)
+# speed options that change no number (docs/performance.md): a run may resume with them switched
+RESUMABLE_SUFFIXES = ("every_n_steps", "net.checkpoint", "net.channels_last")
+RESUMABLE_PARTS = ("compile_backbone",)  # any key with this component (true/false or its dict)
 RESUMABLE_PREFIXES = ("cluster.",)  # where and how the jobs run (experiments/cluster.py)
 # keys that only say where a run lives: a run folder moved or copied elsewhere is the same run
 LOCATION_KEYS = ("run.root", "run.name", "experiment")
@@ -69,7 +71,12 @@ def config_diff(old: dict, new: dict) -> list[str]:
 
 def resumable(key: str) -> bool:
     """Whether ``key`` may differ between a run's saved config and the one that resumes it."""
-    return key in RESUMABLE_KEYS or key.endswith(RESUMABLE_SUFFIXES) or key.startswith(RESUMABLE_PREFIXES)
+    return (
+        key in RESUMABLE_KEYS
+        or key.endswith(RESUMABLE_SUFFIXES)
+        or key.startswith(RESUMABLE_PREFIXES)
+        or any(part in RESUMABLE_PARTS for part in key.split("."))
+    )
 
 
 def _rebase(value: Any, old_root: str, new_root: str) -> Any:

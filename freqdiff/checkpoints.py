@@ -108,6 +108,7 @@ def load_run(
     """Rebuild a trained module from a run folder or checkpoint; returns (module in eval mode, config).
 
     ``trusted``: packages beyond the project's own whose classes the embedded config may name.
+    The module's ``checkpoint_step`` is the checkpoint's global step (what its samples depend on).
     """
     ckpt = read_checkpoint(path, map_location)
     embedded = ckpt[CONFIG_KEY]
@@ -126,6 +127,7 @@ def load_run(
         module.load_state_dict(ckpt["state_dict"])
     except RuntimeError as e:
         raise CheckpointError(f"{find_checkpoint(path)}: weights do not fit the embedded config: {e}") from e
+    module.checkpoint_step = int(ckpt.get("global_step", 0))
     return module.eval(), cfg
 
 

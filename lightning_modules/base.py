@@ -27,6 +27,11 @@ stream well defined: ranks that existed draw what they would have drawn, new ran
 (the global batch then differs from the uninterrupted run's, as the data split does). At the start
 of training the global torch RNG (dropout) is reseeded per rank as well.
 
+``compile_backbone``: ``torch.compile`` of the backbone (``denoiser.net`` and its EMA copy, in place
+through ``nn.Module.compile``, so parameter names and checkpoints are those of the eager net); the
+process math, preconditioning and sampler loop stay eager (and in fp32). Off by default: on the CPU
+it was not faster (docs/performance.md); the first steps pay the compilation.
+
 ``train/grad_norm`` is the total L2 norm of all gradients of the optimiser's parameters, taken in
 ``on_before_optimizer_step``: after the backward of the last micro-batch (DDP has all-reduced them,
 AMP's scaler has unscaled them; under bf16-mixed they are the fp32 parameters' grads) and before
@@ -62,6 +67,7 @@ class DiffusionModule(L.LightningModule):
         ema_rampup: float | None = 0.05,  # half-life <= rampup * images seen (None: no warm-up)
         ema_decay: float | None = None,  # fixed per-step EMA decay (e.g. 0.9999); replaces the half-life
         seed: int = 0,  # root of the per-rank training generators (the runner passes run.seed)
+        compile_backbone: bool | dict = False,  # torch.compile the backbone (a dict: its keyword arguments)
     ):
         super().__init__()
         check_args("a positive number", lr=lr)
@@ -75,6 +81,16 @@ class DiffusionModule(L.LightningModule):
             raise ValueError(f"ema_decay={ema_decay!r}: expected a number in [0, 1) or null")
         self.denoiser = denoiser
         self.ema = copy.deepcopy(denoiser).requires_grad_(False)  # eval mode only while sampling
+        self.compile_backbone = compile_backbone
+        if compile_backbone:
+            if not isinstance(compile_backbone, (bool, dict)):
+                raise ValueError(
+                    f"compile_backbone={compile_backbone!r}: expected true, false or a mapping of "
+                    "torch.compile keyword arguments"
+                )
+            opts = {} if compile_backbone is True else dict(compile_backbone)
+            for d in (self.denoiser, self.ema):  # in place: state_dict keys and checkpoints are unchanged
+                d.net.compile(**opts)
         self.lr, self.weight_decay, self.betas, self.warmup_steps = (
             lr,
             weight_decay,

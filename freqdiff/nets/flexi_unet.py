@@ -80,6 +80,8 @@ class FlexiUNet(nn.Module):
         for level in range(1, unet.num_levels):
             self._in_keys.append(self._add(self.adapters_in, level, c0, unet.skip_channels[level][0]))
             self._out_keys.append(self._add(self.adapters_out, level, unet.channels[level], c0))
+        if unet.channels_last:  # the adapters in the UNet's memory format
+            self.to(memory_format=torch.channels_last)
 
     def _add(self, adapters: nn.ModuleDict, level: int, c_in: int, c_out: int) -> str | None:
         if c_in == c_out:
@@ -129,7 +131,7 @@ class FlexiUNet(nn.Module):
         u = self.unet
         c_noise = torch.as_tensor(c_noise, device=x.device).reshape(-1).expand(B)
         emb = u.embed(c_noise, labels)
-        h = self.input_adapter(entry)(u.conv_in(x))  # [B, skip_channels[entry][0], r, r]
+        h = self.input_adapter(entry)(u.stem(x))  # [B, skip_channels[entry][0], r, r]
         h, skips = u.encode(h, emb, start_level=entry)  # skips None above the entry level
         h = u.middle(h, emb)
         h = u.decode(h, emb, skips, stop_level=exit_)  # [B, channels[exit], r_out, r_out]

@@ -15,6 +15,11 @@ stages, and Scale Space Diffusion's Flexi-UNet, which reuses these parts level b
   class embedding (``labels=None`` means "no label": the unconditional branch for guidance; a label
   ``NULL_LABEL`` = −1 is the same per sample, which is how label dropout trains that branch).
 - The output conv is zero-initialised, so a fresh net outputs exactly 0.
+- Options that change speed and memory, never the function: ``checkpoint`` (gradient checkpointing:
+  in training, every residual block's activations are recomputed in the backward pass instead of
+  stored, ADM's ``use_checkpoint``) and ``channels_last`` (weights and features in NHWC memory
+  format, the layout GPU convolution kernels prefer; the output is returned contiguous NCHW).
+  ``benchmarks/train_options.py`` measures both (docs/performance.md).
 
 Layout (what ``FlexiUNet`` builds on): ``conv_in`` -> ``encode`` over ``enc[level]`` -> ``middle`` ->
 ``decode`` over ``dec[level]`` -> ``head``. Each ``enc[level]`` / ``dec[level]`` is a ``Level``: an optional
@@ -29,6 +34,7 @@ from numbers import Integral
 
 import torch
 import torch.nn.functional as F
+import torch.utils.checkpoint
 from torch import Tensor, nn
 
 NULL_LABEL = -1  # the class label of the unconditional branch (classifier-free guidance)
@@ -180,6 +186,8 @@ class UNet(nn.Module):
         scale_shift: bool = True,  # adaptive scale-shift GroupNorm (ADM); False: add the embedding
         mid_attention: bool = True,  # self-attention in the middle block (ADM always has it)
         max_positions: int = 10000,  # lowest frequency of the c_noise embedding is 1/max_positions
+        checkpoint: bool = False,  # gradient checkpointing of every residual block while training
+        channels_last: bool = False,  # NHWC memory format for weights and features
     ):
         super().__init__()
         num_levels = len(channel_mult)
@@ -255,6 +263,16 @@ class UNet(nn.Module):
 
         self.out_norm = group_norm(ch)
         self.out_conv = zero_module(nn.Conv2d(ch, out_channels, 3, padding=1))
+        self.checkpoint, self.channels_last = bool(checkpoint), bool(channels_last)
+        self.memory_format = torch.channels_last if channels_last else torch.contiguous_format
+        if channels_last:
+            self.to(memory_format=torch.channels_last)
+
+    def run_block(self, block: nn.Module, h: Tensor, emb: Tensor) -> Tensor:
+        """``block(h, emb)``, under gradient checkpointing when ``checkpoint`` is on and grads are taken."""
+        if self.checkpoint and self.training and torch.is_grad_enabled():
+            return torch.utils.checkpoint.checkpoint(block, h, emb, use_reentrant=False)
+        return block(h, emb)
 
     # --- parts, in the order forward uses them -------------------------------------------------
     def embed(self, c_noise: Tensor, labels: Tensor | None = None) -> Tensor:
@@ -273,6 +291,10 @@ class UNet(nn.Module):
             emb = emb + self.label_emb(labels.clamp(min=0)) * keep[:, None].to(emb.dtype)
         return F.silu(emb)
 
+    def stem(self, x: Tensor) -> Tensor:
+        """``conv_in`` of the image, in the net's memory format -> [B, channels[0], H, W]."""
+        return self.conv_in(x.contiguous(memory_format=self.memory_format))
+
     def encode(
         self, h: Tensor, emb: Tensor, start_level: int = 0
     ) -> tuple[Tensor, list[list[Tensor] | None]]:
@@ -286,16 +308,16 @@ class UNet(nn.Module):
         for level in range(start_level, self.num_levels):
             enc = self.enc[level]
             if level > start_level:
-                h = enc.resample(h, emb)  # [B, C, H/2, W/2]
+                h = self.run_block(enc.resample, h, emb)  # [B, C, H/2, W/2]
             skips[level] = [h]
             for block in enc.blocks:
-                h = block(h, emb)
+                h = self.run_block(block, h, emb)
                 skips[level].append(h)
         return h, skips
 
     def middle(self, h: Tensor, emb: Tensor) -> Tensor:
         for block in self.mid:
-            h = block(h, emb)
+            h = self.run_block(block, h, emb)
         return h
 
     def decode(self, h: Tensor, emb: Tensor, skips: list[list[Tensor] | None], stop_level: int = 0) -> Tensor:
@@ -306,14 +328,14 @@ class UNet(nn.Module):
         for level in reversed(range(stop_level, self.num_levels)):
             dec = self.dec[level]
             if dec.resample is not None:
-                h = dec.resample(h, emb)  # [B, C, 2H, 2W]
+                h = self.run_block(dec.resample, h, emb)  # [B, C, 2H, 2W]
             stack = list(skips[level]) if skips[level] is not None else None
             for i, block in enumerate(dec.blocks):
                 if stack is not None:
                     s = stack.pop()
                 else:
                     s = h.new_zeros(h.shape[0], self.skip_channels[level][-1 - i], *h.shape[2:])
-                h = block(torch.cat([h, s], dim=1), emb)
+                h = self.run_block(block, torch.cat([h, s], dim=1), emb)
         return h
 
     def head(self, h: Tensor) -> Tensor:
@@ -323,7 +345,7 @@ class UNet(nn.Module):
         ~157 at t = 1 for linear β), so it never runs in bf16 (the precision policy, processes/ops.py).
         """
         with torch.autocast(h.device.type, enabled=False):
-            return self.out_conv(F.silu(self.out_norm(h.float())))
+            return self.out_conv(F.silu(self.out_norm(h.float()))).contiguous()
 
     def forward(self, x: Tensor, c_noise: Tensor, labels: Tensor | None = None) -> Tensor:
         B, _, H, W = x.shape
@@ -332,7 +354,7 @@ class UNet(nn.Module):
             raise ValueError(f"input resolution {H}x{W} is not divisible by 2**(levels-1) = {factor}")
         c_noise = torch.as_tensor(c_noise, device=x.device).reshape(-1).expand(B)
         emb = self.embed(c_noise, labels)
-        h = self.conv_in(x)  # [B, channels[0], H, W]
+        h = self.stem(x)  # [B, channels[0], H, W]
         h, skips = self.encode(h, emb)  # [B, channels[-1], H/f, W/f]
         h = self.middle(h, emb)
         h = self.decode(h, emb, skips)  # [B, channels[0], H, W]
