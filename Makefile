@@ -110,14 +110,16 @@ format: install
 
 # Image folder -> WebDataset shards + manifest (README "Datasets"; python -m datamodules.write_shards -h):
 #   make shards SRC=/data/ffhq OUT=data/ffhq RES=64,256 [LABELS=folders] [FILTER=lanczos] [ALLOW_UPSCALE=1]
-#               [WORKERS=8] [FORCE=1] [VAL=1000 | VAL=0.05] [VAL_SEED=0]
+#               [WORKERS=8] [FORCE=1] [VAL=1000 | VAL=0.05] [VAL_SEED=0] [ENCODING=raw|png]
+# ENCODING=png stores PNGs (2.5x smaller at 256², about 3x slower to load) instead of raw arrays.
 # VAL holds out a seeded random count / fraction of the images: OUT/train/ and OUT/val/, one shard set each.
 .PHONY: shards
 shards: install
 	$(PY) -m datamodules.write_shards "$(SRC)" "$(OUT)" --res "$(RES)" --labels $(or $(LABELS),none) \
 		--filter $(or $(FILTER),lanczos) $(if $(filter 1,$(ALLOW_UPSCALE)),--allow-upscale) \
 		$(if $(WORKERS),--workers $(WORKERS)) $(if $(filter 1,$(FORCE)),--force) \
-		$(if $(VAL),--val "$(VAL)") $(if $(VAL_SEED),--val-seed "$(VAL_SEED)")
+		$(if $(VAL),--val "$(VAL)") $(if $(VAL_SEED),--val-seed "$(VAL_SEED)") \
+		$(if $(ENCODING),--encoding "$(ENCODING)")
 
 # Standalone sampling and evaluation of a trained run (README "Evaluation"; python -m experiments sample -h):
 #   make sample RUN=runs/quickstart/default N=50000 [ARGS="--format png --steps 100 --workers 2"]

@@ -1,6 +1,7 @@
 """Bad-data accounting of the shard streams (docs/architecture.md, Data): counts, warnings, the stopping rule.
 
-A sample whose PNG does not decode or has the wrong size or label is skipped with a
+A sample whose image does not decode (PNG), holds the wrong number of bytes (raw: the message names
+the member, the size found and the size expected) or has the wrong size or label is skipped with a
 :class:`CorruptDataWarning`; a shard that cannot be opened, or ends early (truncated), counts every
 sample it did not deliver as bad. :class:`Health` keeps the counts in shared memory (per rank: the
 DataLoader workers add to them) from the start of the stream; a delivered sample counts when it is

@@ -5,8 +5,9 @@ Every dataset, real or synthetic, is a folder of WebDataset tar shards plus one 
     {
       "format": "freqdiff-shards/1",
       "count": 20000,                       # samples in all shards
-      "resolutions": [32],                  # every sample stores one PNG per resolution
+      "resolutions": [32],                  # every sample stores one image per resolution
       "channels": 3,                        # 1 (grey) or 3 (RGB)
+      "encoding": "png",                    # or "raw" (encodings.py); absent in older sets: "png"
       "labels": null,                       # or the class names; samples then hold "cls" = index
       "filter": "...",                      # how images were resized / rendered
       "source": "...",                      # where they came from
@@ -17,9 +18,10 @@ Every dataset, real or synthetic, is a folder of WebDataset tar shards plus one 
     }
 
 A sample is a group of tar members sharing the key ``"%08d" % index`` (its position in the whole
-set): ``<key>.<res>.png`` for every resolution (lossless PNG, so a round trip is exact) and
-``<key>.cls`` (the label index as ASCII) when the set has labels; readers ignore other members
-(``write_shards.py`` adds ``<key>.src.txt``, the source file).
+set): ``<key>.<res>.png`` for every resolution (lossless PNG, so a round trip is exact; with
+``"encoding": "raw"`` ``<key>.<res>.u8``, the array's bytes) and ``<key>.cls`` (the label index as
+ASCII) when the set has labels; readers ignore other members (``write_shards.py`` adds
+``<key>.src.txt``, the source file).
 
 Writes are atomic (temporary name, then ``os.replace``) and deterministic: the same samples give
 byte-identical shards (fixed mtime, owner and mode; PNG has no time stamp), so two processes that
@@ -33,7 +35,6 @@ from __future__ import annotations
 
 import fcntl
 import hashlib
-import io
 import json
 import os
 import re
@@ -43,8 +44,10 @@ from typing import Any
 
 import numpy as np
 import webdataset as wds
-from PIL import Image
 
+from datamodules.encodings import ENCODINGS, check, encode, member
+from datamodules.encodings import decode_png as decode_png  # re-exported (they lived here)
+from datamodules.encodings import encode_png as encode_png
 from freqdiff.config import ConfigError
 
 FORMAT = "freqdiff-shards/1"
@@ -105,6 +108,8 @@ def _check_manifest(m: Any, path: Path) -> None:
         raise ValueError(f"{where}: resolutions must be a non-empty list of positive ints, got {res!r}")
     if m["channels"] not in (1, 3):
         raise ValueError(f"{where}: channels must be 1 or 3, got {m['channels']!r}")
+    if m.get("encoding", "png") not in ENCODINGS:
+        raise ValueError(f"{where}: encoding {m['encoding']!r}, expected one of {list(ENCODINGS)}")
     if m["labels"] is not None and not isinstance(m["labels"], list):
         raise ValueError(f"{where}: labels must be null or a list of class names, got {m['labels']!r}")
     shards = m["shards"]
@@ -171,42 +176,19 @@ def file_sha256(path: str | os.PathLike) -> str:
     return h.hexdigest()
 
 
-def encode_png(img: np.ndarray, compress_level: int = 6) -> bytes:
-    """Lossless PNG bytes of a uint8 image ``[H, W]``, ``[H, W, 1]`` or ``[H, W, 3]``.
-
-    ``compress_level`` 0 (stored) decodes about 2x faster than 6 and is about 1.7x larger for photos.
-    """
-    if img.dtype != np.uint8:
-        raise ValueError(f"encode_png expects uint8, got {img.dtype}")
-    if img.ndim == 3 and img.shape[2] == 1:
-        img = img[:, :, 0]
-    if not (img.ndim == 2 or (img.ndim == 3 and img.shape[2] == 3)):
-        raise ValueError(f"encode_png expects [H, W], [H, W, 1] or [H, W, 3], got {img.shape}")
-    buf = io.BytesIO()
-    Image.fromarray(img).save(buf, format="PNG", compress_level=compress_level)
-    return buf.getvalue()
-
-
-def decode_png(data: bytes, channels: int) -> np.ndarray:
-    """PNG bytes -> uint8 ``[H, W, channels]`` (converted to grey or RGB as asked)."""
-    with Image.open(io.BytesIO(data)) as im:
-        mode = "RGB" if channels == 3 else "L"
-        if im.mode != mode:
-            im = im.convert(mode)
-        x = np.asarray(im)
-    return x if x.ndim == 3 else x[:, :, None]
-
-
-def sample_dict(index: int, images: dict[int, np.ndarray], label: int | None = None) -> dict[str, Any]:
+def sample_dict(
+    index: int, images: dict[int, np.ndarray], label: int | None = None, encoding: str = "png"
+) -> dict[str, Any]:
     """A tar sample: key ``"%08d" % index``, one ``"{res}.png"`` per image, optional ``"cls"``.
 
-    ``images`` maps resolution -> uint8 ``[res, res, C]``; the key must match the image size.
+    ``images`` maps resolution -> uint8 ``[res, res, C]``; the key must match the image size. With
+    ``encoding="raw"`` the members are ``"{res}.u8"`` (``encodings.py``).
     """
     sample: dict[str, Any] = {"__key__": f"{index:08d}"}
     for res, img in images.items():
         if img.shape[0] != res or img.shape[1] != res:
             raise ValueError(f"sample {index}: image for resolution {res} has shape {img.shape}")
-        sample[f"{res}.png"] = encode_png(img)
+        sample[member(res, encoding)] = encode(img, encoding)
     if label is not None:
         sample["cls"] = str(int(label)).encode("ascii")
     return sample
@@ -346,6 +328,7 @@ def make_manifest(
     channels: int,
     shards: list[dict[str, Any]],
     labels: list[str] | None = None,
+    encoding: str = "png",
     filter: str = "",
     source: str = "",
     skipped: list[str] | None = None,
@@ -358,6 +341,7 @@ def make_manifest(
         "count": int(count),
         "resolutions": sorted(int(r) for r in resolutions),
         "channels": int(channels),
+        "encoding": check(encoding),
         "labels": labels,
         "filter": filter,
         "source": source,

@@ -9,7 +9,7 @@
 - a pattern such as ``data/ffhq/shard-{000000..000009}.tar`` or ``data/ffhq/*.tar`` (braces as in
   webdataset, ``::`` joins lists): those shards.
   When the folder of the matched shards has a manifest listing all of them, their entries are taken
-  from it; otherwise the tar files are scanned (counts, resolutions, channels, labels).
+  from it; otherwise the tar files are scanned (counts, resolutions, channels, labels, encoding).
 
 Shards the manifest lists but that are missing are dropped with a warning and their samples counted
 as bad; when that is more than ``max_bad_fraction`` of the split, it fails here, naming them. A shard
@@ -34,7 +34,7 @@ from webdataset.shardlists import expand_urls
 from datamodules.manifest import FORMAT, MANIFEST, is_pattern, read_manifest, size_mismatch
 from datamodules.streams import CorruptDataWarning, Shard
 
-_PNG = re.compile(r"^(\d+)\.png$")
+_IMAGE = re.compile(r"^(\d+)\.(png|u8)$")  # <res>.png, or <res>.u8 (raw, encodings.py)
 
 
 @dataclass
@@ -127,7 +127,7 @@ def _glob_or_self(p: str) -> list[str]:
 
 
 def scan(urls: list[str]) -> dict[str, Any]:
-    """A manifest for tar shards without one: counts, resolutions, channels, labels (reads headers)."""
+    """A manifest for tar shards without one: counts, resolutions, channels, labels, encoding (headers)."""
     shards, resolutions, labels_max, channels = [], None, -1, None
     for u in urls:
         keys, count, exts = None, 0, set()
@@ -143,27 +143,35 @@ def scan(urls: list[str]) -> dict[str, Any]:
                         exts.add(suffix)
                     if suffix == "cls":
                         labels_max = max(labels_max, int(tf.extractfile(ti).read()))
-                    if channels is None and _PNG.match(suffix):
+                    image = _IMAGE.match(suffix)
+                    if channels is None and image and image.group(2) == "png":
                         with Image.open(io.BytesIO(tf.extractfile(ti).read())) as im:
                             channels = 1 if im.mode in ("1", "L", "I;16") else 3
+                    elif channels is None and image:  # raw: the byte size gives the channels
+                        channels = ti.size // int(image.group(1)) ** 2
                     tf.members = []
         except (tarfile.TarError, OSError, ValueError) as e:
             raise ValueError(
                 f"cannot scan shard {u} ({type(e).__name__}: {e}); write a manifest with make shards"
             ) from e
-        res = sorted(int(m.group(1)) for m in map(_PNG.match, exts) if m)
+        found = [m for m in map(_IMAGE.match, exts) if m]
+        res = sorted(int(m.group(1)) for m in found)
         if resolutions is None:
-            resolutions = res
+            resolutions, kinds = res, {m.group(2) for m in found}
         elif res != resolutions:
             raise ValueError(f"shard {u} stores resolutions {res}, {urls[0]} stores {resolutions}")
         shards.append({"name": u, "count": count})
     if not resolutions:
-        raise ValueError(f"no <key>.<res>.png members in {urls[0]}: not a freqdiff shard set")
+        raise ValueError(f"no <key>.<res>.png (or .u8) members in {urls[0]}: not a freqdiff shard set")
+    if len(kinds) > 1 or channels not in (1, 3):
+        what = "both .png and .u8 image members" if len(kinds) > 1 else f"{channels} channels"
+        raise ValueError(f"shard {urls[0]}: {what}, expected one image encoding with 1 or 3 channels")
     return {
         "format": FORMAT,
         "count": sum(s["count"] for s in shards),
         "resolutions": resolutions,
-        "channels": channels or 3,
+        "channels": channels,
+        "encoding": "raw" if kinds == {"u8"} else "png",
         "labels": [str(i) for i in range(labels_max + 1)] if labels_max >= 0 else None,
         "filter": "unknown (scanned, no manifest)",
         "source": urls[0],

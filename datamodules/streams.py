@@ -39,8 +39,8 @@ import numpy as np
 import torch
 from torch.utils.data import IterableDataset, get_worker_info
 
+from datamodules.encodings import decode_png, decode_raw, member
 from datamodules.health import BadDataError, CorruptDataWarning, Health  # noqa: F401  (re-exported)
-from datamodules.manifest import decode_png
 
 
 @dataclass(frozen=True)
@@ -112,20 +112,26 @@ def read_unit(
 
 
 def decode(
-    sample: dict[str, Any], resolutions: list[int], channels: int, labels: bool
+    sample: dict[str, Any], resolutions: list[int], channels: int, labels: bool, encoding: str = "png"
 ) -> tuple[list[np.ndarray], int]:
-    """Check and decode one sample: (uint8 ``[r, r, C]`` per resolution, label or -1). Raises ValueError."""
+    """Check and decode one sample: (uint8 ``[r, r, C]`` per resolution, label or -1). Raises ValueError.
+
+    ``encoding`` (the manifest's, ``encodings.py``): ``"png"`` members ``<r>.png``, ``"raw"`` ``<r>.u8``."""
     imgs = []
     for r in resolutions:
-        data = sample.get(f"{r}.png")
+        name = member(r, encoding)
+        data = sample.get(name)
         if data is None:
-            raise ValueError(f"no {r}.png member")
-        try:
-            img = decode_png(data, channels)
-        except Exception as e:  # not a PNG, truncated PNG, ...
-            raise ValueError(f"{r}.png does not decode ({type(e).__name__}: {e})") from None
+            raise ValueError(f"no {name} member")
+        if encoding == "raw":
+            img = decode_raw(data, r, channels, name)  # ValueError naming both byte sizes
+        else:
+            try:
+                img = decode_png(data, channels)
+            except Exception as e:  # not a PNG, truncated PNG, ...
+                raise ValueError(f"{name} does not decode ({type(e).__name__}: {e})") from None
         if img.shape != (r, r, channels):
-            raise ValueError(f"{r}.png is {img.shape}, expected {(r, r, channels)}")
+            raise ValueError(f"{name} is {img.shape}, expected {(r, r, channels)}")
         imgs.append(img)
     label = -1
     if labels:
@@ -198,8 +204,8 @@ def _worker() -> tuple[int, int]:
     return (0, 1) if info is None else (info.id, info.num_workers)
 
 
-def _wanted(resolutions: list[int], labels: bool) -> tuple[str, ...]:
-    return tuple(f"{r}.png" for r in resolutions) + (("cls",) if labels else ())
+def _wanted(resolutions: list[int], labels: bool, encoding: str = "png") -> tuple[str, ...]:
+    return tuple(member(r, encoding) for r in resolutions) + (("cls",) if labels else ())
 
 
 def _selected(select: np.ndarray, a: int, b: int) -> np.ndarray:
@@ -246,12 +252,13 @@ class TrainStream(IterableDataset):
         world_size: int,  # number of ranks
         health: Health,  # bad-sample accounting
         uint8: bool = False,  # yield uint8 images (converted on the device by the datamodule)
+        encoding: str = "png",  # the manifest's image encoding (encodings.py)
     ):
         super().__init__()
         self.shards, self.resolutions, self.channels, self.labels = shards, resolutions, channels, labels
         self.batch_size, self.flip, self.shuffle_buffer = batch_size, flip, shuffle_buffer
         self.seed, self.rank, self.world_size, self.health = seed, rank, world_size, health
-        self.uint8 = uint8
+        self.uint8, self.encoding = uint8, encoding
         self.epoch = 0  # set by the loader in the main process before the workers start
 
     def units(self, worker: int, num_workers: int) -> list[Unit]:
@@ -274,7 +281,7 @@ class TrainStream(IterableDataset):
             while len(rows) < self.batch_size:
                 index, sample = next(samples)
                 try:
-                    rows.append(decode(sample, self.resolutions, self.channels, self.labels))
+                    rows.append(decode(sample, self.resolutions, self.channels, self.labels, self.encoding))
                 except ValueError as e:
                     self.health.add_bad(1, f"sample {index} (key {sample['__key__']}): {e}")
                     continue
@@ -286,7 +293,7 @@ class TrainStream(IterableDataset):
             yield _batch(rows, self.resolutions, self.labels, self.uint8)
 
     def _resampled(self, units: list[Unit], rng: np.random.Generator) -> Iterator[tuple[int, dict]]:
-        wanted = _wanted(self.resolutions, self.labels)
+        wanted = _wanted(self.resolutions, self.labels, self.encoding)
         while True:
             n = 0
             for i in rng.permutation(len(units)):
@@ -314,6 +321,7 @@ class EvalStream(IterableDataset):
         pad: bool,  # equal numbers of full batches everywhere, with "mask"
         health: Health,  # bad-sample accounting
         select: np.ndarray | None = None,  # global indices to read (a subset; None: all)
+        encoding: str = "png",  # the manifest's image encoding (encodings.py)
     ):
         super().__init__()
         if select is not None:
@@ -325,7 +333,7 @@ class EvalStream(IterableDataset):
         self.shards, self.total, self.resolutions = shards, total, resolutions
         self.channels, self.labels, self.batch_size = channels, labels, batch_size
         self.rank, self.world_size, self.pad, self.health = rank, world_size, pad, health
-        self.select = select
+        self.select, self.encoding = select, encoding
 
     def batches_per_worker(self, num_workers: int) -> int:
         """With ``pad``: the batches every worker of every rank yields (the largest share, rounded up)."""
@@ -341,13 +349,13 @@ class EvalStream(IterableDataset):
     def __iter__(self) -> Iterator[dict[str, torch.Tensor]]:
         worker, num_workers = _worker()
         consumers, j = self.world_size * num_workers, self.rank * num_workers + worker
-        wanted = _wanted(self.resolutions, self.labels)
+        wanted = _wanted(self.resolutions, self.labels, self.encoding)
         units = eval_units(self.shards, self.total, consumers, j)
         items = itertools.chain.from_iterable(read_unit(u, wanted, self.health, self.select) for u in units)
         rows, index, n_batches = [], [], 0
         for i, sample in items:
             try:
-                rows.append(decode(sample, self.resolutions, self.channels, self.labels))
+                rows.append(decode(sample, self.resolutions, self.channels, self.labels, self.encoding))
                 index.append(i)
                 self.health.add_good(1)
             except ValueError as e:

@@ -44,6 +44,7 @@ import itertools
 import numbers
 import os
 import warnings
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -52,6 +53,7 @@ import numpy as np
 import torch
 
 import freqdiff  # noqa: F401  (the torchvision hook; datamodules/__init__.py imports it first too)
+from datamodules.encodings import encoding_of, member
 from datamodules.loaders import EpochLoader, EvalLoader
 from datamodules.manifest import MANIFEST
 from datamodules.sources import Split, find_splits
@@ -181,6 +183,7 @@ class ShardDataModule(L.LightningDataModule):
             health=health,
             # under a Trainer uint8 images go to the device, floats are made there (on_after_batch_transfer)
             uint8=isinstance(self.trainer, L.Trainer),
+            encoding=encoding_of(split.manifest),
         )
         return EpochLoader(stream, n, self._epoch, self.num_workers, full_pass=count // world_size)
 
@@ -213,6 +216,7 @@ class ShardDataModule(L.LightningDataModule):
             pad=pad,
             health=health,
             select=None if select is None else np.asarray(select, dtype=np.int64),
+            encoding=encoding_of(self._splits[name].manifest),
         )
         return EvalLoader(stream, num_workers=workers)
 
@@ -231,18 +235,7 @@ class ShardDataModule(L.LightningDataModule):
         s = self._splits[name]
         if not 0 <= n <= s.manifest["count"]:
             raise ValueError(f"asked for {n} {name} images but {s.where} holds {s.manifest['count']}")
-        health = Health("real", self.max_bad_fraction)
-        wanted = (f"{self.resolution}.png",)
-        units = eval_units(s.shards, s.manifest["count"], 1, 0)
-        imgs = []
-        for i, sample in itertools.chain.from_iterable(read_unit(u, wanted, health) for u in units):
-            if len(imgs) == n:
-                break
-            try:
-                imgs.append(decode(sample, [self.resolution], self.channels, False)[0][0])
-                health.add_good(1)
-            except ValueError as e:
-                health.add_bad(1, f"sample {i} (key {sample['__key__']}): {e}")
+        imgs = [img for _, img in itertools.islice(self._decoded(s), n)]
         if len(imgs) < n:
             raise ValueError(f"only {len(imgs)} readable {name} images in {s.where}, asked for {n}")
         if not imgs:
@@ -260,16 +253,7 @@ class ShardDataModule(L.LightningDataModule):
         want = np.asarray(indices, dtype=np.int64).reshape(-1)
         if want.size and (want.min() < 0 or want.max() >= s.manifest["count"]):
             raise ValueError(f"indices must lie in [0, {s.manifest['count']}) for {s.where}")
-        health = Health("real", self.max_bad_fraction)
-        wanted, select = (f"{self.resolution}.png",), np.unique(want)
-        units = eval_units(s.shards, s.manifest["count"], 1, 0)
-        found: dict[int, np.ndarray] = {}
-        for i, sample in itertools.chain.from_iterable(read_unit(u, wanted, health, select) for u in units):
-            try:
-                found[i] = decode(sample, [self.resolution], self.channels, False)[0][0]
-                health.add_good(1)
-            except ValueError as e:
-                health.add_bad(1, f"sample {i} (key {sample['__key__']}): {e}")
+        found = dict(self._decoded(s, np.unique(want)))
         order = [int(i) for i in want if int(i) in found]
         if not order:
             return torch.empty(0, self.channels, self.resolution, self.resolution), torch.zeros(
@@ -334,6 +318,21 @@ class ShardDataModule(L.LightningDataModule):
         return self._splits["val"].manifest if "val" in self._splits else None
 
     # ---------------------------------------------------------------- internals
+    def _decoded(self, s: Split, select: np.ndarray | None = None) -> Iterator[tuple[int, np.ndarray]]:
+        """``(global index, uint8 [r, r, C])`` of the readable samples of ``s`` (only ``select``), in
+        shard order at the primary resolution, unflipped; bad ones are counted and skipped."""
+        health, enc = Health("real", self.max_bad_fraction), encoding_of(s.manifest)
+        units = eval_units(s.shards, s.manifest["count"], 1, 0)
+        wanted = (member(self.resolution, enc),)
+        for i, sample in itertools.chain.from_iterable(read_unit(u, wanted, health, select) for u in units):
+            try:
+                img = decode(sample, [self.resolution], self.channels, False, enc)[0][0]
+            except ValueError as e:
+                health.add_bad(1, f"sample {i} (key {sample['__key__']}): {e}")
+                continue
+            health.add_good(1)
+            yield i, img
+
     def _find(self) -> dict[str, Split] | None:
         return find_splits(self.path, self.val_path, self.max_bad_fraction)
 

@@ -1,22 +1,18 @@
 """Image folder -> WebDataset shards with a manifest (docs/architecture.md, "Data"): ``make shards``.
 
     make shards SRC=/data/celeba_hq OUT=data/celebahq RES=64,256 [LABELS=folders] [FILTER=lanczos]
-                [VAL=1000|0.05] [VAL_SEED=0]
+                [VAL=1000|0.05] [VAL_SEED=0] [ENCODING=raw|png]
     python -m datamodules.write_shards /data/celeba_hq data/celebahq --res 64,256
 
-Per input image, the same steps as the papers' dataset tools (EDM's ``dataset_tool.py --transform
-center-crop``): decode, apply the EXIF orientation, convert to 8-bit RGB, centre-crop to the
-largest square ``s = min(W, H)`` at ``((W - s) // 2, (H - s) // 2)``, then resize that square to
-every requested resolution with one filter (Lanczos by default). All resolutions of one image go
-into the same sample, so Relay's 64/256 pair and Scale Space's levels share their source.
+Per input image (``prepare.py``): decode, EXIF orientation, 8-bit RGB, centre square, one resize
+filter (Lanczos by default) to every resolution, all into the same sample (Relay's 64/256 pair and
+Scale Space's levels share their source). Images whose square side is smaller than the largest
+resolution are rejected unless ``--allow-upscale``.
 
-Conversions: grey, palette and CMYK -> RGB; an alpha channel is composited over white; 16-bit
-images keep their high byte (what Pillow does for 16-bit RGB PNGs). Images whose square side is
-smaller than the largest resolution are rejected unless ``--allow-upscale``.
-
-A sample (see ``manifest.py``): ``<key>.<res>.png`` for each resolution (lossless), ``<key>.cls``
-(class index) with ``--labels folders``, ``<key>.src.txt`` (path relative to SRC). Keys are the
-positions ``%08d`` in the sorted list of inputs that were kept, so they are stable.
+A sample (see ``manifest.py``): ``<key>.<res>.u8`` for each resolution (the uint8 array's bytes; with
+``--encoding png`` ``<key>.<res>.png``, both lossless; why raw is the default: ``write_shards``),
+``<key>.cls`` (class index) with ``--labels folders``, ``<key>.src.txt`` (path relative to SRC). Keys
+are the positions ``%08d`` in the sorted list of inputs that were kept, so they are stable.
 
 Deterministic: inputs are walked in sorted order, results are written in input order whatever the
 number of workers, tar members have fixed metadata and PNG has no time stamp: the same input gives
@@ -40,112 +36,19 @@ from collections import Counter
 from pathlib import Path
 from typing import Any
 
-import numpy as np
-from PIL import Image, ImageOps
 from tqdm.auto import tqdm
 
-from datamodules import splits
-from datamodules.manifest import (
-    MANIFEST,
-    ShardWriter,
-    encode_png,
-    make_manifest,
-    read_manifest,
-    write_manifest,
-)
+from datamodules import encodings, splits
+from datamodules.encodings import ENCODINGS
+from datamodules.manifest import MANIFEST, ShardWriter, make_manifest, read_manifest, write_manifest
+from datamodules.prepare import FILTERS, Prepare
+from datamodules.prepare import centre_square as centre_square  # re-exported: they lived here
+from datamodules.prepare import load_rgb as load_rgb
+from datamodules.prepare import to_rgb8 as to_rgb8
 
-TOOL, VERSION = "write_shards", 1  # bump VERSION when the image processing changes
-FILTERS = {
-    "lanczos": Image.Resampling.LANCZOS,
-    "bicubic": Image.Resampling.BICUBIC,
-    "bilinear": Image.Resampling.BILINEAR,
-    "box": Image.Resampling.BOX,  # area averaging
-    "hamming": Image.Resampling.HAMMING,
-    "nearest": Image.Resampling.NEAREST,
-}
+TOOL, VERSION = "write_shards", 1  # bump VERSION when the image processing (prepare.py) changes
 LABEL_MODES = ("none", "folders")
-
-
-class Skip(Exception):
-    """An input that is left out; ``args[0]`` is the reason written to the manifest."""
-
-
-# -------------------------------------------------------------------- one image
-def to_rgb8(im: Image.Image) -> Image.Image:
-    """Any Pillow image -> 8-bit RGB (alpha over white, 16-bit -> high byte, grey / palette / CMYK -> RGB)."""
-    if im.mode == "RGB":
-        return im
-    if im.mode in ("I;16", "I;16L", "I;16B", "I;16N", "I"):  # 16-bit grey (or 32-bit int)
-        x = np.asarray(im).astype(np.int64)
-        x = np.clip(x >> 8 if im.mode.startswith("I;16") or x.max() > 255 else x, 0, 255).astype(np.uint8)
-        return Image.fromarray(x, "L").convert("RGB")
-    if im.mode == "F":
-        raise Skip(f"unsupported mode {im.mode} (floating point)")
-    if im.mode == "P":
-        im = im.convert("RGBA" if "transparency" in im.info else "RGB")
-    if im.mode in ("RGBA", "LA", "PA", "RGBa", "La"):
-        rgba = im.convert("RGBA")
-        white = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
-        return Image.alpha_composite(white, rgba).convert("RGB")
-    return im.convert("RGB")
-
-
-def load_rgb(path: str | os.PathLike) -> Image.Image:
-    """Decode fully (so truncation shows here), apply EXIF orientation, convert to 8-bit RGB."""
-    try:
-        with Image.open(path) as im:
-            im.load()
-            im = ImageOps.exif_transpose(im)
-            return to_rgb8(im)
-    except Skip:
-        raise
-    except Image.UnidentifiedImageError:
-        raise Skip("not an image (Pillow cannot identify it)") from None
-    except Exception as e:  # truncated, corrupt, decompression bomb, ...
-        kind = "truncated" if "truncated" in str(e).lower() else "unreadable"
-        raise Skip(f"{kind} ({type(e).__name__}: {e})") from None
-
-
-def centre_square(im: Image.Image, resolution: int, resample: int) -> np.ndarray:
-    """Centre-crop to the largest square, resize to ``resolution``: uint8 ``[res, res, 3]``."""
-    w, h = im.size
-    s = min(w, h)
-    left, top = (w - s) // 2, (h - s) // 2
-    sq = im.crop((left, top, left + s, top + s))
-    if s != resolution:
-        sq = sq.resize((resolution, resolution), resample=resample)
-    return np.asarray(sq)
-
-
-class Prepare:
-    """Worker function: ``(path, relpath, label) -> (sample members, None)`` or ``(None, reason)``."""
-
-    def __init__(self, resolutions: list[int], filter: str, allow_upscale: bool, png_level: int = 6):
-        self.resolutions = resolutions  # output sides, all stored per sample
-        self.png_level = png_level  # zlib level of the PNGs (0: stored, decodes ~2x faster, ~1.7x larger)
-        self.resample = FILTERS[filter]  # Pillow resampling filter
-        self.allow_upscale = allow_upscale  # accept squares smaller than the largest resolution
-
-    def __call__(self, task: tuple[str, str, int | None]) -> tuple[dict[str, bytes] | None, str | None]:
-        path, rel, label = task
-        try:
-            im = load_rgb(path)
-            side = min(im.size)
-            if side < max(self.resolutions) and not self.allow_upscale:
-                raise Skip(
-                    f"too small ({im.size[0]}x{im.size[1]}: square side {side} < {max(self.resolutions)}; "
-                    "ALLOW_UPSCALE=1 to keep it)"
-                )
-            members = {
-                f"{r}.png": encode_png(centre_square(im, r, self.resample), self.png_level)
-                for r in self.resolutions
-            }
-        except Skip as e:
-            return None, str(e.args[0])
-        if label is not None:
-            members["cls"] = str(label).encode("ascii")
-        members["src.txt"] = rel.encode("utf-8")
-        return members, None
+ENCODING = "raw"  # the default image encoding of make shards (the reasons: write_shards's docstring)
 
 
 # -------------------------------------------------------------------- the folder
@@ -189,7 +92,7 @@ def _reason_kind(item: str) -> str:
 
 
 def _identity(manifest: dict[str, Any]) -> dict[str, Any]:
-    """What makes two shard sets the same dataset (shard size and PNG compression do not)."""
+    """What makes two shard sets the same dataset (shard size and image encoding do not)."""
     params = {
         f"params.{k}": v
         for k, v in (manifest.get("params") or {}).items()
@@ -240,7 +143,8 @@ def write_shards(
     allow_upscale: bool = False,  # keep images smaller than the largest resolution (upsampled)
     workers: int | None = None,  # decode/encode processes (None: all cores, 1: in this process)
     shard_size: int = 1000,  # samples per shard
-    png_level: int = 6,  # PNG zlib level 0-9 (0: stored, ~2x faster to decode, ~1.7x larger)
+    encoding: str = ENCODING,  # "raw" (the arrays' bytes) or "png": see below
+    png_level: int | None = None,  # PNG zlib level 0-9 (None: 6); with encoding="png" only
     force: bool = False,  # replace a different shard set in `out`
     progress: bool = True,  # tqdm progress bar
     val: int | float | None = None,  # held out into out/val: a count, or a fraction in (0, 1) of the inputs
@@ -249,6 +153,19 @@ def write_shards(
     """Convert an image folder into shards; returns the manifest (also written to ``out``).
 
     With ``val``: writes ``out/train`` and ``out/val`` and returns ``{"train": manifest, "val": manifest}``.
+
+    Encoding (recorded in the manifest, ``encodings.py``): ``"raw"`` by default, since the loader is
+    clearly faster with it where PNG decoding bounds it, at 256²; ``"png"`` where disk space or read
+    bandwidth is short. Measured on a shared 2-core machine (absolute times noisy, ratios hold),
+    photo crops from ``demo_photos``, RGB: decoding one 256² image takes ~1.45 ms as PNG level 6
+    (80 KB, ~135 MB/s of pixels), ~0.85 ms as PNG level 0 (197 KB), ~1 µs raw (197 KB, a view of the
+    bytes); with the tar read and the float conversion every loader does, 2.1-2.5 / 1.2-1.6 /
+    0.6-0.8 ms per image. The shard loader (``benchmarks/data_loader.py``, 2 workers) then delivers
+    2.6-3.0x PNG 6's images per second at 256² (PNG 6: 1.0-1.4x the JPEG-folder baseline, raw
+    3.0-4.2x) and 1.3-1.8x at 64². The cost is the size: 2.45x PNG 6's bytes at 256² (196,608 B per
+    image) and 1.7x at 64² (12,288 B), so 70k images at 64+256 take ~14.6 GB instead of ~6 GB, and
+    1,000 img/s read ~210 MB/s. PNG level 0 is as large and half as fast; zlib level 1 over the raw
+    bytes (1.4x PNG 6's size, 1.6-1.8x faster) is not offered. Dead-leaves sets stay PNG (``synthetic.py``).
     """
     resolutions = sorted({int(r) for r in resolutions})
     if not resolutions or resolutions[0] < 1:
@@ -259,6 +176,13 @@ def write_shards(
         raise ValueError(f"labels must be one of {LABEL_MODES}, got {labels!r}")
     if shard_size < 1:
         raise ValueError(f"shard_size must be >= 1, got {shard_size}")
+    encodings.check(encoding)
+    if png_level is not None and encoding != "png":
+        raise ValueError(
+            f"png_level={png_level} applies to encoding='png' only, got encoding={encoding!r} "
+            "(pass encoding='png', --encoding png, with it)"
+        )
+    png_level = 6 if png_level is None else png_level
     if not 0 <= png_level <= 9:
         raise ValueError(f"png_level must be in 0..9, got {png_level}")
     val, val_seed = splits.check_args(val, val_seed)
@@ -269,7 +193,7 @@ def write_shards(
         "labels": labels,
         "allow_upscale": bool(allow_upscale),
         "shard_size": int(shard_size),
-        "png_level": int(png_level),
+        **({"png_level": int(png_level)} if encoding == "png" else {}),
         "crop": "centre square",
         "exif_transpose": True,
         "alpha": "composited over white",
@@ -291,7 +215,7 @@ def write_shards(
         old[n] = {p.name for p in folder.glob("shard-*.tar")}
     skipped = {n: list(listed_skipped) if n != "val" else [] for n in folders}
     workers = max(1, (len(os.sched_getaffinity(0)) if workers is None else int(workers)))
-    prepare = Prepare(resolutions, filter, allow_upscale, png_level)
+    prepare = Prepare(resolutions, filter, allow_upscale, png_level, encoding)
     bar = tqdm(
         total=len(tasks), desc=f"shards {','.join(map(str, resolutions))}", unit="img", disable=not progress
     )
@@ -327,6 +251,7 @@ def write_shards(
             channels=3,
             shards=w.shards,
             labels=classes,
+            encoding=encoding,
             filter=filter,
             source=str(src),
             skipped=skipped[n],
@@ -368,9 +293,9 @@ def main(argv: list[str] | None = None) -> int:
     )
     p.add_argument("--workers", type=int, default=None, help="processes (WORKERS; default: all cores)")
     p.add_argument("--shard-size", type=int, default=1000, help="samples per shard")
-    p.add_argument(
-        "--png-level", type=int, default=6, help="PNG zlib level; 0 decodes ~2x faster, ~1.7x larger"
-    )
+    enc_help = "raw (default): ~2.5x the bytes of png, ~3x faster to load at 256² (ENCODING)"
+    p.add_argument("--encoding", choices=ENCODINGS, default=ENCODING, help=enc_help)
+    p.add_argument("--png-level", type=int, default=None, help="PNG zlib level, with --encoding png (6)")
     val_help = "hold out a count (1000) or fraction (0.05) of the inputs: OUT/val, rest OUT/train (VAL)"
     p.add_argument("--val", type=splits.arg(splits.check_val), help=val_help)
     p.add_argument("--val-seed", type=splits.arg(splits.check_val_seed), help="seed of VAL (VAL_SEED, 0)")
@@ -392,6 +317,7 @@ def main(argv: list[str] | None = None) -> int:
             allow_upscale=a.allow_upscale,
             workers=a.workers,
             shard_size=a.shard_size,
+            encoding=a.encoding,
             png_level=a.png_level,
             force=a.force,
             progress=not a.quiet,
