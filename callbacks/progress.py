@@ -13,10 +13,10 @@ The runner adds both callbacks to every run (``RunHeader`` always, ``ProgressLin
   stdout is not a TTY (CI logs, ``| tee``) a plain line is printed every ``every_n_steps`` steps
   (default: 10 % of ``max_steps``). A final ``done`` line is printed when training ends.
 
-The loss (``train/loss``) and throughput (``perf/img_per_s``) are the values the module logs; they
-are read from ``trainer.callback_metrics`` at most once per ``refresh_s`` (that read is one
-device→host synchronisation: Lightning converts the prog-bar values to numbers) and smoothed
-with an exponential moving average over those reads. ETA is from the wall-clock time per step in
+The loss and throughput are the module's values of the current step (``DiffusionModule.last_loss``
+and ``last_img_per_s``; for another module, ``train/loss`` and ``perf/img_per_s`` from
+``trainer.callback_metrics``); they are read at most once per ``refresh_s`` (that read is one
+device→host synchronisation) and smoothed with an exponential moving average over those reads. ETA is from the wall-clock time per step in
 this session (after its first step, which includes start-up). Only global rank 0 prints.
 """
 
@@ -215,8 +215,12 @@ class ProgressLine(L.Callback):
         if self._read_step == self._step:
             return
         self._read_step = self._step
-        metrics = trainer.callback_metrics  # Lightning turns the prog-bar values into numbers here
-        values = [metrics.get(LOSS_KEY), metrics.get(IMG_PER_S_KEY)]
+        module, metrics = trainer.lightning_module, trainer.callback_metrics
+        values = [  # the module's values of this step (DiffusionModule), else what it logged
+            getattr(module, "last_loss", None),
+            getattr(module, "last_img_per_s", None),
+        ]
+        values = [metrics.get(k) if v is None else v for k, v in zip((LOSS_KEY, IMG_PER_S_KEY), values)]
         present = [v for v in values if v is not None]
         if not present:
             return
