@@ -83,23 +83,36 @@ def raps(
     if n_bins < 1:
         raise ValueError(f"bins must be >= 1, got {bins}")
     lead = x.shape[:-2]
-    p = power_spectrum_2d(x, beta).reshape(-1, h * w)  # [N, HW]
+    p = power_spectrum_2d(x, beta).reshape(-1, h, w)  # [N, H, W]
     if reduce:
-        p = p.mean(dim=0, keepdim=True)  # [1, HW] (binning is linear, so average first)
-
-    r = _radius(h, w, x.device).reshape(-1)  # [HW]
-    i0 = r.floor().long()  # [HW] lower bin
-    frac = r - i0  # [HW] share of the upper bin
-    n_acc = max(n_bins, int(i0.max()) + 2)  # accumulate every radius, then keep the first n_bins
-    acc = torch.zeros(p.shape[0], n_acc, dtype=torch.float64, device=x.device)  # [N, R']
-    acc.index_add_(1, i0, p * (1 - frac)).index_add_(1, i0 + 1, p * frac)
-    wsum = torch.zeros(n_acc, dtype=torch.float64, device=x.device)  # [R']
-    wsum.index_add_(0, i0, 1 - frac).index_add_(0, i0 + 1, frac)
-    power = acc[:, :n_bins] / wsum[:n_bins].clamp_min(1e-12)  # [N, R]
-    freqs = torch.arange(n_bins, dtype=torch.float64, device=x.device)  # [R]
+        p = p.mean(dim=0, keepdim=True)  # [1, H, W] (binning is linear, so average first)
+    freqs, power = radial_mean(p, n_bins)  # [R], [N, R]
     if reduce or len(lead) == 0:
         return freqs, power[0]
     return freqs, power.reshape(*lead, n_bins)
+
+
+def radial_mean(p: Tensor, bins: int | None = None) -> tuple[Tensor, Tensor]:
+    """RAPS's annular average of any per-frequency quantity ``[..., H, W]`` (unshifted FFT order).
+
+    Returns ``freqs`` [R] (cycles per image of the shorter side) and ``[..., R]``: each sample's value
+    split between bins ``floor(r)`` and ``floor(r) + 1`` by linear interpolation (module docstring).
+    """
+    h, w = p.shape[-2:]
+    n_bins = min(h, w) // 2 + 1 if bins is None else int(bins)
+    lead = p.shape[:-2]
+    flat = p.to(torch.float64).reshape(-1, h * w)  # [N, HW]
+    r = _radius(h, w, p.device).reshape(-1)  # [HW]
+    i0 = r.floor().long()  # [HW] lower bin
+    frac = r - i0  # [HW] share of the upper bin
+    n_acc = max(n_bins, int(i0.max()) + 2)  # accumulate every radius, then keep the first n_bins
+    acc = torch.zeros(flat.shape[0], n_acc, dtype=torch.float64, device=p.device)  # [N, R']
+    acc.index_add_(1, i0, flat * (1 - frac)).index_add_(1, i0 + 1, flat * frac)
+    wsum = torch.zeros(n_acc, dtype=torch.float64, device=p.device)  # [R']
+    wsum.index_add_(0, i0, 1 - frac).index_add_(0, i0 + 1, frac)
+    out = acc[:, :n_bins] / wsum[:n_bins].clamp_min(1e-12)  # [N, R]
+    freqs = torch.arange(n_bins, dtype=torch.float64, device=p.device)  # [R]
+    return freqs, out.reshape(*lead, n_bins)
 
 
 def spectral_distance(a: Tensor, b: Tensor) -> float:
@@ -164,6 +177,7 @@ __all__ = [
     "fit_power_law",
     "per_frequency_snr",
     "power_spectrum_2d",
+    "radial_mean",
     "raps",
     "spectral_distance",
 ]
