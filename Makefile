@@ -24,6 +24,7 @@ help:  ## the targets, one line each
 	@echo "make shards SRC=folder OUT=folder RES=64,256 [VAL=1000|0.05] ...  image folder -> WebDataset shards (VAL: + held-out val split)"
 	@echo "make sample RUN=... [N=50000]                      EMA samples of a trained run, resumable chunks"
 	@echo "make eval RUN=... [N=] [REF=]                      its metrics with spreads and floors (default: as in training)"
+	@echo "make spectra EXP=name | RUN=...                   data spectra, per-frequency SNR, chromatography (PNG + TensorBoard)"
 	@echo "make board [LOGDIR=runs] [PORT=6006]              TensorBoard on 127.0.0.1"
 	@echo "make submit EXP=name [NODES= GPUS= TIME= PARTITION= ... DRY=1]   Slurm jobs (docs/cluster.md)"
 	@echo "make status [RUN=runs/<exp>/<name> | MATRIX=name]  the Slurm jobs of a run or a matrix"
@@ -134,3 +135,10 @@ sample: install
 
 eval: install
 	$(PY) -m experiments eval "$(RUN)" $(if $(N),--n $(N)) $(if $(REF),--ref "$(REF)") $(ARGS)
+
+# The frequency view of an experiment or a trained run (docs/frequencies.md, "make spectra"):
+#   make spectra EXP=quickstart [ARGS="k=v ..."]    data spectra, per-frequency SNR, chromatography
+#   make spectra RUN=runs/quickstart/default         + sample spectra, empirical chromatography
+.PHONY: spectra
+spectra: install
+	$(if $(RUN),$(PY) -m experiments.spectra "$(RUN)" --run $(if $(N),--n $(N)),$(PY) -m experiments.spectra "$(or $(EXP),quickstart)" $(ARGS) $(if $(N),--n $(N)))

@@ -16,8 +16,9 @@ The runner adds both callbacks to every run (``RunHeader`` always, ``ProgressLin
 The loss and throughput are the module's values of the current step (``DiffusionModule.last_loss``
 and ``last_img_per_s``; for another module, ``train/loss`` and ``perf/img_per_s`` from
 ``trainer.callback_metrics``); they are read at most once per ``refresh_s`` (that read is one
-device→host synchronisation) and smoothed with an exponential moving average over those reads. ETA is from the wall-clock time per step in
-this session (after its first step, which includes start-up). Only global rank 0 prints.
+device→host synchronisation) and smoothed with an exponential moving average over those reads.
+ETA is from the wall-clock time per step in this session (after its first step, which includes
+start-up). Only global rank 0 prints.
 """
 
 from __future__ import annotations

@@ -164,7 +164,7 @@ class DiffusionModule(L.LightningModule):
         self._micro += 1
         loss = per_sample.mean()
         B = x0.shape[0]
-        self.last_loss = loss.detach()  # what the progress line reads every few seconds (callbacks/progress.py)
+        self.last_loss = loss.detach()  # the progress line reads it every few seconds (callbacks/progress.py)
         if self._logs_this_step():  # the logger writes only these steps: no work (and no sync) on the others
             self.log("train/loss", loss, prog_bar=True, batch_size=B)
             q = (t.detach() * 4).long().clamp(0, 3)

@@ -1,0 +1,66 @@
+"""``make spectra`` (experiments/spectra.py): the figures of an experiment and of a trained run."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import torch
+from omegaconf import OmegaConf
+from PIL import Image
+
+from freqdiff.config import instantiate, load
+
+
+def _nonblank(path: Path) -> bool:
+    img = np.asarray(Image.open(path).convert("L"), dtype=np.float64)
+    return img.shape[0] > 100 and img.std() > 5  # a drawn figure, not an empty canvas
+
+
+def _small(tmp_path: Path) -> list[str]:
+    return [
+        f"run.root={tmp_path / 'runs'}",
+        f"data.path={tmp_path / 'data'}",
+        "data.resolution=16",
+        "data.synthetic.n_train=64",
+        "data.synthetic.n_val=64",
+        "data.num_workers=0",
+    ]
+
+
+def test_spectra_of_an_experiment(tmp_path, capsys):
+    from experiments.spectra import main
+
+    assert main(["quickstart", *_small(tmp_path), "--n", "48"]) == 0
+    out = tmp_path / "runs" / "quickstart" / "spectra"
+    for name in ("data_spectra", "snr", "chromatography"):
+        assert _nonblank(out / f"{name}.png"), name
+        assert f"{name}.png" in capsys.readouterr().out or (out / f"{name}.png").exists()
+    assert list((out / "tb").glob("events.out.tfevents.*"))  # the same figures for TensorBoard
+
+
+def test_spectra_bad_keys_are_config_errors(tmp_path, capsys):
+    from experiments.spectra import main
+
+    assert main(["quickstart", *_small(tmp_path), "module.nosuchkey=1"]) == 2
+    assert "config error" in capsys.readouterr().err
+
+
+def test_spectra_of_a_trained_run(tmp_path):
+    from experiments.spectra import main
+
+    cfg = load("quickstart", [*_small(tmp_path), "module.sample_steps=6"])
+    module = instantiate(cfg.module, "module")
+    with torch.no_grad():  # a module whose x0_hat depends on x_t, so the chromatography has changes
+        for p in module.ema.net.out_conv.parameters():
+            p.normal_(0, 0.05)
+    d = tmp_path / "runs" / "quickstart" / "default"
+    (d / "checkpoints").mkdir(parents=True)
+    container = OmegaConf.to_container(cfg, resolve=True)
+    torch.save(
+        {"state_dict": module.state_dict(), "freqdiff_config": container, "global_step": 3},
+        d / "checkpoints" / "last.ckpt",
+    )
+    assert main([str(d), "--run", "--n", "16"]) == 0
+    for name in ("data_spectra", "snr", "chromatography", "sample_spectra", "chromatography_empirical"):
+        assert _nonblank(d / "spectra" / f"{name}.png"), name
