@@ -147,7 +147,8 @@ def run_figures(module, x: torch.Tensor, n: int, steps: int) -> dict[str, Figure
         ax = fig.add_subplot(1, 1, 1)
         ts = [times[i] for i in keep[1:]]
         for b, (lo, hi) in enumerate(zip(edges, edges[1:])):
-            (line,) = ax.plot(ts, e[:, b].numpy(), label=f"{lo}-{hi - 1} c/img")
+            name = f"{lo}-{hi - 1}" if hi - 1 > lo else f"{lo}"
+            (line,) = ax.plot(ts, e[:, b].numpy(), label=f"{name} c/img")
             ax.plot(ts, th[:, b].numpy(), color=line.get_color(), linestyle=":", linewidth=1)
         ax.invert_xaxis()
         ax.set(xlabel="t (sampling runs right)", ylabel="share of the band's change",

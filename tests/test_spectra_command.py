@@ -64,3 +64,56 @@ def test_spectra_of_a_trained_run(tmp_path):
     assert main([str(d), "--run", "--n", "16"]) == 0
     for name in ("data_spectra", "snr", "chromatography", "sample_spectra", "chromatography_empirical"):
         assert _nonblank(d / "spectra" / f"{name}.png"), name
+
+
+def test_spectra_logger_during_training(tmp_path):
+    """The callback logs the spectral distance, the power ratio per octave band, SWD per pyramid level
+    and the RAPS figure to the run's TensorBoard at its interval and at the end."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    from callbacks.spectra import band_ratios, octave_bands
+    from experiments.runner import run
+
+    assert octave_bands(8) == [(1, 2), (2, 4), (4, 8), (8, 9)]
+    f = torch.arange(9, dtype=torch.float64)
+    r = band_ratios(f, torch.full((9,), 2.0), torch.ones(9))
+    assert r == {"1": 2.0, "2-3": 2.0, "4-7": 2.0, "8": 2.0}
+    o = [
+        *_small(tmp_path),
+        "data.batch_size=8",
+        "module.sample_steps=2",
+        "+module.net.channel_mult=[1,2]",
+        "trainer.max_steps=2",
+        "trainer.precision=32-true",
+        "trainer.enable_progress_bar=false",
+        "callbacks.samples.every_n_steps=0",
+        "callbacks.samples.final=false",
+        "callbacks.strips.every_n_steps=0",
+        "callbacks.eval.every_n_steps=0",
+        "callbacks.eval.n=4",
+        "callbacks.eval.ref_n=4",
+        "callbacks.eval.swd_n=4",
+        "callbacks.eval.swd_min_res=8",
+        "callbacks.eval.fid=false",
+        "callbacks.eval.panel=0",
+        "+callbacks.spectra._target_=callbacks.spectra.SpectraLogger",
+        "+callbacks.spectra.every_n_steps=1",
+        "+callbacks.spectra.n=8",
+        "+callbacks.spectra.ref_n=16",
+    ]
+    run(load("quickstart", o))
+    acc = EventAccumulator(
+        str(tmp_path / "runs" / "quickstart" / "default"), size_guidance={"images": 0}
+    ).Reload()
+    tags = acc.Tags()
+    for tag in (
+        "spectra/distance",
+        "spectra/swd/16",
+        "spectra/swd/8",
+        "spectra/power_ratio/1",
+        "spectra/power_ratio/4-7",
+    ):
+        assert tag in tags["scalars"], (tag, tags["scalars"])
+        assert [e.step for e in acc.Scalars(tag)] == [1, 2]
+    assert all(e.value > 0 for e in acc.Scalars("spectra/distance"))
+    assert "spectra/raps" in tags["images"]
