@@ -92,7 +92,8 @@ def _stages(cell) -> list:
 
 def test_the_default_matrix_compares_the_methods_fairly(tmp_path):
     plan = load_plan("quickstart", root=tmp_path)
-    assert {c.name for c in plan.cells} == {"ddpm-s0", "edm-s0", "blur-s0", "relay-s0", "ssd-s0"}
+    names = {"ddpm-s0", "edm-s0", "blur-s0", "relay-s0", "ssd-s0", "cascade-s0"}
+    assert {c.name for c in plan.cells} == names
     methods, evals = set(), []
     for cell in plan.cells:
         stages = _stages(cell)
@@ -106,14 +107,14 @@ def test_the_default_matrix_compares_the_methods_fairly(tmp_path):
             assert net.preset == "tiny" and list(net.attn_resolutions) == [], cell.name
             assert cfg.module.lr == 1e-3 and cfg.module.ema_halflife_kimg == 5.0, cell.name
             images += cfg.trainer.max_steps * cfg.data.batch_size
-        assert images == 32000, cell.name  # one budget; Relay's two stages share it
+        assert images == 32000, cell.name  # one budget; Relay's and the cascade's two stages share it
         if is_pipeline(cell.experiment):
             e = load_pipeline(cell.experiment, cell.overrides)[0].evaluate
             evals.append((e.n, e.ref_n, e.ref_split, e.swd_n, e.swd_min_res))
         else:
             e = stages[0].callbacks.eval
             evals.append((e.n, e.ref_n, e.split, e.swd_n, e.swd_min_res))
-    assert len(methods) == 5  # five modules, not one method under five names
+    assert len(methods) == 6  # six modules, not one method under six names
     assert set(evals) == {(500, 500, "val", 500, 8)}  # one evaluation
     # FID is opt-in: make exp FID=1
     fid = load_plan("quickstart", root=tmp_path, fid=True)
