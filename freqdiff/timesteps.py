@@ -6,6 +6,10 @@ Kept apart from the process: which times a model trains on is a training choice.
 its process, so a sampler defined on the noise level works through the process's own time map.
 - ``UniformTime``: t ~ U(t_min, t_max).
 - ``LogitNormalTime``: t = sigmoid(μ + ς z), z ~ N(0, 1) (SD3 uses μ = 0, ς = 1; Esser et al. 2024).
+- ``ShiftedLogitNormalTime``: the logit-normal of a reference resolution carried to this one in
+  log-SNR through the process: t_ref = sigmoid(μ + ς z), then ``t = process.t_from_logsnr(
+  process.logsnr(t_ref) − ln(N/N_ref))`` (N: pixel counts), the resolution shift of the
+  timestep-sampling report applied where it belongs for any schedule, not to the logit.
 - ``LogNormalSigmaTime``: EDM's ln σ ~ N(P_mean, P_std²) (Karras et al. 2022, Table 1; P_mean −1.2,
   P_std 1.2), mapped to t by ``process.t_from_sigma`` (σ is the EDM noise level sigma/a, so it works
   for the variance-exploding EDM process and the VP processes alike). σ outside the process's range
@@ -13,6 +17,8 @@ its process, so a sampler defined on the noise level works through the process's
 """
 
 from __future__ import annotations
+
+import math
 
 import torch
 from torch import Tensor
@@ -42,6 +48,32 @@ class LogitNormalTime:
     ) -> Tensor:
         z = torch.randn(n, generator=generator, device=_gen_device(generator, device))
         return torch.sigmoid(self.mean + self.std * z).to(device)
+
+
+class ShiftedLogitNormalTime(LogitNormalTime):
+    def __init__(
+        self,
+        mean: float = 0.0,  # μ of logit(t) at the reference resolution
+        std: float = 1.0,  # ς
+        resolution: int = 64,  # this model's image side
+        reference_resolution: int = 64,  # the side the logit-normal was chosen for
+    ):
+        super().__init__(mean, std)
+        if not (resolution > 0 and reference_resolution > 0):
+            raise ValueError(
+                f"resolution={resolution}, reference_resolution={reference_resolution}: "
+                "expected positive sides"
+            )
+        self.resolution, self.reference_resolution = int(resolution), int(reference_resolution)
+        self.logsnr_shift = 2 * math.log(self.resolution / self.reference_resolution)  # ln(N / N_ref)
+
+    def __call__(
+        self, n: int, generator: torch.Generator | None = None, device="cpu", process=None
+    ) -> Tensor:
+        if process is None or not (hasattr(process, "logsnr") and hasattr(process, "t_from_logsnr")):
+            raise ValueError("ShiftedLogitNormalTime needs the process (its logsnr and t_from_logsnr)")
+        t_ref = super().__call__(n, generator, device)
+        return process.t_from_logsnr(process.logsnr(t_ref) - self.logsnr_shift).clamp(0.0, 1.0)
 
 
 class LogNormalSigmaTime:

@@ -167,3 +167,38 @@ def test_empirical_chromatography_of_the_exact_denoiser_matches_theory():
     assert float((e - th).abs().sum(0).max()) < 0.15, (e - th).abs().sum(0)  # L1 over time per band
     peak = th.argmax(0)  # coarse bands change earlier in the sampling (smaller step index)
     assert bool((peak[1:] > peak[:-1]).all()) and bool((e.argmax(0)[1:] > e.argmax(0)[:-1]).all())
+
+
+def test_reference_resolution_is_the_snr_matched_shift():
+    hi, lo = GaussianProcess(resolution=64, reference_resolution=16), GaussianProcess(resolution=16)
+    assert hi.shift == 4.0
+    t = torch.tensor([0.2, 0.5, 0.8])
+    torch.testing.assert_close(hi.logsnr(t), lo.logsnr(t) - 2 * math.log(4))
+    # the per-frequency SNR of a 4× larger image at the same t matches the reference's trajectory:
+    # pooling the 64² state by 4 gives the 16² process's log-SNR
+    torch.testing.assert_close(
+        fq.pooled_logsnr(hi.logsnr(t).double(), 4), lo.logsnr(t).double(), atol=1e-5, rtol=0
+    )
+    with pytest.raises(ValueError, match="reference_resolution"):
+        GaussianProcess(resolution=64, reference_resolution=16, shift=2.0)
+
+
+def test_shifted_logit_normal_moves_log_snr_by_ln_pixel_ratio():
+    from freqdiff.timesteps import LogitNormalTime, ShiftedLogitNormalTime
+
+    proc = GaussianProcess(resolution=64, schedule="cosine")
+    g1, g2 = torch.Generator().manual_seed(0), torch.Generator().manual_seed(0)
+    base = LogitNormalTime()(20000, g1, process=proc)
+    shifted = ShiftedLogitNormalTime(resolution=64, reference_resolution=16)(20000, g2, process=proc)
+    lam_b, lam_s = proc.logsnr(base), proc.logsnr(shifted)
+    inside = (base > 0.01) & (base < 0.99) & (shifted > 0.002) & (shifted < 0.999)  # away from the clamps
+    torch.testing.assert_close(lam_s[inside], lam_b[inside] - math.log(64**2 / 16**2), atol=2e-3, rtol=0)
+    assert float(shifted.mean()) > float(base.mean())  # more noise for the larger image
+    same = ShiftedLogitNormalTime(resolution=32, reference_resolution=32)(
+        5, torch.Generator().manual_seed(1), process=proc
+    )
+    torch.testing.assert_close(
+        same, LogitNormalTime()(5, torch.Generator().manual_seed(1), process=proc), atol=2e-6, rtol=0
+    )
+    with pytest.raises(ValueError, match="needs the process"):
+        ShiftedLogitNormalTime()(4)

@@ -82,10 +82,18 @@ class GaussianProcess(Process):
         resolution: int = 32,  # image side (the state never changes resolution)
         shift: float = 1.0,  # resolution shift k: log-SNR -> log-SNR - 2 ln k (1 = none)
         data_range: tuple[float, float] | None = (-1.0, 1.0),  # x0's range, for clip_x0 (None: no clip)
+        reference_resolution: int | None = None,  # train at `resolution` with this side's SNR trajectory
     ):
         super().__init__()
         if schedule not in SCHEDULES:
             raise ValueError(f"schedule {schedule!r} unknown; expected one of {sorted(SCHEDULES)}")
+        if reference_resolution is not None:  # the SNR-matched shift k = N_hi / N_lo (sides)
+            if not (isinstance(reference_resolution, int) and reference_resolution > 0) or shift != 1.0:
+                raise ValueError(
+                    f"reference_resolution={reference_resolution!r} (with shift={shift}): expected a "
+                    "positive side and no shift beside it (it sets shift = resolution / reference_resolution)"
+                )
+            shift = resolution / reference_resolution
         if shift <= 0:
             raise ValueError(f"shift must be > 0, got {shift}")
         self.schedule, self.T, self.image_resolution, self.shift = (
