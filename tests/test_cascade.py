@@ -130,3 +130,21 @@ def test_cascade_refuses_bad_settings(stage1_run):
 
             _, stages = load_pipeline("quickstart_cascade", [f"stages.stage2.module.{key}={bad}"])
             instantiate(stages["stage2"].module, "module")
+
+
+def test_paper_scale_cascade_config():
+    """cascade_celeba256: the DDPM baseline at 64² (129.38 M), Relay's 552.81 M network at 256² on the
+    64² SNR trajectory, handing over at t* = 0.259 (the shifted schedule's λ = −2 ln 4)."""
+    from experiments.pipeline import load_pipeline
+    from freqdiff.nets.presets import count_parameters
+
+    _, stages = load_pipeline("cascade_celeba256", ["data.path=/nowhere"])
+    counts = {}
+    for name, cfg in stages.items():
+        with torch.device("meta"):
+            counts[name] = count_parameters(instantiate(cfg.module, f"stages.{name}.module").denoiser)
+    assert counts["stage1"] == pytest.approx(129.38e6, rel=1e-4)
+    assert counts["stage2"] == pytest.approx(552.81e6, rel=1e-4)
+    proc = instantiate(stages["stage2"].module.process, "stages.stage2.module.process")
+    assert proc.shift == 4.0 and handoff_time(proc, 4) == pytest.approx(0.259, abs=1e-3)
+    assert stages["stage2"].data.batch_size * 8 * 16 == 1024  # Relay's stage-2 batch
