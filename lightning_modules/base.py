@@ -155,6 +155,20 @@ class DiffusionModule(L.LightningModule):
         # dropout and anything else on the global RNG: a different stream per rank (L.seed_everything
         # gave every rank the same seed, which is right for the initial weights, wrong afterwards)
         torch.manual_seed(derive_seed(self.seed, "global", int(self.global_rank), int(self.global_step)))
+        self._fit_time_sampler()
+
+    def _fit_time_sampler(self) -> None:
+        """A time sampler fitted to the data (``fit_data``: the spectrum-weighted one) gets the first
+        ``n_images`` training images and the data's checksum as its cache key, on every rank alike."""
+        sampler = getattr(self, "time_sampler", None)
+        fit, dm = getattr(sampler, "fit_data", None), getattr(self._trainer, "datamodule", None)
+        if not callable(fit) or dm is None or getattr(sampler, "spectrum", None) is not None:
+            return
+        from freqdiff.metrics.fid import manifest_checksum
+
+        manifest = getattr(dm, "manifest", None) or {}
+        n = min(int(sampler.n_images), int(manifest.get("count", sampler.n_images)))
+        fit(dm.real_images(n, split="train"), key=manifest_checksum(manifest) if manifest else None)
 
     # ---- training ------------------------------------------------------------------------------------
     def training_step(self, batch: dict, batch_idx: int) -> Tensor:

@@ -202,3 +202,53 @@ def test_shifted_logit_normal_moves_log_snr_by_ln_pixel_ratio():
     )
     with pytest.raises(ValueError, match="needs the process"):
         ShiftedLogitNormalTime()(4)
+
+
+def _power_law_images(B: int, side: int, seed: int = 0) -> torch.Tensor:
+    r = fq._radius(side, side, torch.device("cpu")).clamp(min=1.0)
+    g = torch.Generator().manual_seed(seed)
+    w = torch.fft.fft2(torch.randn(B, 1, side, side, generator=g, dtype=torch.float64), norm="ortho")
+    return 0.5 * torch.fft.ifft2(w * r**-1.0, norm="ortho").real  # P ∝ f^-2
+
+
+def test_spectrum_weighted_time_is_its_base_for_power_law_data(tmp_path):
+    from freqdiff.spectral_time import SpectrumWeightedTime
+
+    proc = GaussianProcess(resolution=32)
+    s = SpectrumWeightedTime(resolution=32, reference_resolution=32, cache_dir=str(tmp_path))
+    with pytest.raises(ValueError, match="fit_data"):
+        s(4, process=proc)
+    sp = s.fit_data(_power_law_images(256, 32), key="abc123")
+    assert np.allclose(sp["ratio"], 1.0, atol=0.25)  # ρ ≈ 1 (Kaiser window and binning leave a little)
+    t = s(50000, torch.Generator().manual_seed(0), process=proc)
+    base = s.__class__.__mro__[1].__call__(s, 50000, torch.Generator().manual_seed(1), process=proc)
+    for q in (0.1, 0.5, 0.9):
+        assert float(t.quantile(q)) == pytest.approx(float(base.quantile(q)), abs=0.03)
+    # the cache: a new sampler with the same key reads the file instead of the images
+    again = SpectrumWeightedTime(resolution=32, reference_resolution=32, cache_dir=str(tmp_path))
+    np.testing.assert_allclose(again.fit_data(torch.zeros(1, 1, 32, 32), key="abc123")["ratio"], sp["ratio"])
+    torch.testing.assert_close(
+        again(8, torch.Generator().manual_seed(3), process=proc),
+        s(8, torch.Generator().manual_seed(3), process=proc),
+    )
+
+
+def test_spectrum_weighted_time_favours_the_times_of_excess_structure():
+    """Data with extra power at 4 cycles per image: more training times where 4 c/img crosses SNR 1."""
+    from freqdiff.spectral_time import SpectrumWeightedTime
+
+    side = 32
+    proc = GaussianProcess(resolution=side)
+    x = _power_law_images(256, side)
+    yy, xx = torch.meshgrid(torch.arange(side), torch.arange(side), indexing="ij")
+    phase = 2 * math.pi * torch.rand(256, 1, 1, 1, generator=torch.Generator().manual_seed(5))
+    x = x + 0.3 * torch.cos(2 * math.pi * 4 * xx / side + phase)  # a strong 4 c/img component
+    s = SpectrumWeightedTime(resolution=side, reference_resolution=side)
+    sp = s.fit_data(x)
+    k = int(np.argmax(sp["ratio"]))
+    assert sp["freqs"][k] == 4.0
+    centres, base, weighted = s.density(proc)
+    t4 = float(proc.t_from_logsnr(-torch.log(torch.tensor([float(sp["power"][k])]))))
+    near = (centres - t4).abs() < 0.02
+    assert float((weighted[near] / base[near]).mean()) > 1.5  # more mass where the excess resolves
+    assert float(weighted.sum() / len(weighted)) == pytest.approx(1.0)

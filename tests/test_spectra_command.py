@@ -117,3 +117,34 @@ def test_spectra_logger_during_training(tmp_path):
         assert [e.step for e in acc.Scalars(tag)] == [1, 2]
     assert all(e.value > 0 for e in acc.Scalars("spectra/distance"))
     assert "spectra/raps" in tags["images"]
+
+
+def test_training_fits_the_spectrum_weighted_time_sampler(tmp_path):
+    """At the start of training the module gives the sampler the first training images and the data's
+    checksum; the fitted spectrum is cached, and the run trains on its times."""
+    from omegaconf import open_dict
+
+    from experiments.runner import run
+
+    o = [*_small(tmp_path), "data.batch_size=8", "trainer.max_steps=2", "trainer.precision=32-true"]
+    o += [
+        "+module.net.channel_mult=[1,2]",
+        "trainer.enable_progress_bar=false",
+        "callbacks.eval.every_n_steps=0",
+    ]
+    cfg = load("quickstart", o)
+    with open_dict(cfg):
+        for name in ("samples", "strips", "eval"):
+            cfg.callbacks[name] = None
+        cfg.module.time_sampler = {
+            "_target_": "freqdiff.spectral_time.SpectrumWeightedTime",
+            "resolution": 16,
+            "reference_resolution": 16,
+            "n_images": 32,
+            "cache_dir": str(tmp_path / "cache"),
+        }
+    run(cfg)
+    cached = list((tmp_path / "cache").glob("spectrum_time-*-16.npz"))
+    assert len(cached) == 1
+    with np.load(cached[0]) as z:
+        assert z["ratio"].shape == (8,) and np.isclose(z["ratio"].mean(), 1.0)
