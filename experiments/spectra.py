@@ -7,7 +7,9 @@ Figures (PNG in ``<out>``, and to TensorBoard under ``<out>/tb``, tag ``spectra/
   each with its fitted power-law exponent;
 - ``snr.png``: the per-frequency SNR of the experiment's process at several times, with the data's
   spectrum (``analysis.frequency.process_spectra``: analytic from the process's linear map; from
-  draws, ``empirical_spectra``, above 32²), against the line SNR = 1;
+  draws, ``empirical_spectra``, above 32²), against the line SNR = 1; for a white-noise process also
+  at t = 0.3 for the data pooled 2× and 4× (dotted: the same noise crosses SNR 1 at coarser
+  frequencies of a smaller image);
 - ``chromatography.png``: the rate of each resolution level's signal share over t,
   ``sigmoid(λ(t) + 2 ln n)``, with λ(t) = ln(a²/σ²) from the process's scalings;
 - with ``RUN``: ``sample_spectra.png`` (RAPS of EMA samples against the data) and
@@ -36,6 +38,7 @@ from freqdiff.config import ConfigError, instantiate, load
 from freqdiff.metrics.spectra import fit_power_law, raps
 
 TIMES = (0.1, 0.3, 0.5, 0.7, 0.9)
+MOVE_T = 0.3  # the time whose SNR is also drawn for the data average-pooled 2× and 4×
 LEVELS = (1, 2, 4, 8)
 
 
@@ -87,6 +90,14 @@ def snr_figure(process, x: torch.Tensor) -> Figure:
         f, snr = r["freqs"].numpy(), r["snr"].numpy()
         keep = (f > 0) & (snr > 0) & np.isfinite(snr)
         ax.loglog(f[keep], snr[keep], marker=".", label=f"t = {t} ({process.resolution(t)}²)")
+    if getattr(process, "white_noise", False):  # the same t at lower resolutions: the crossing moves
+        a, sig = (float(v) for v in process.scalings(torch.tensor([MOVE_T])))
+        for n in (2, 4):
+            if side // n >= 4:
+                f, p = raps(torch.nn.functional.avg_pool2d(x, n))
+                keep = f > 0
+                snr = (a * a / (sig * sig) * p)[keep]
+                ax.loglog(f[keep].numpy(), snr.numpy(), linestyle=":", label=f"t = {MOVE_T} at {side // n}²")
     ax.axhline(1.0, color="k", linewidth=0.8, linestyle="--")
     ax.set(
         xlabel="frequency (cycles / image)",
