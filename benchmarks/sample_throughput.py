@@ -113,13 +113,12 @@ class BareSampler:
 
 def same_sampler(run: Path, steps: int, device: torch.device, n: int = 4) -> float:
     """Max |framework − bare| over ``n`` images, η = 0, from the framework's start noise ([-1, 1])."""
+    from experiments.evaluate import autocast_for
     from freqdiff.checkpoints import load_run
     from freqdiff.processes.noise import NoiseSource
 
     module, cfg = load_run(str(run), map_location="cpu")
     module = module.to(device).eval()
-    from experiments.evaluate import autocast_for
-
     seeds = list(range(n))
     with autocast_for(cfg.trainer.get("precision"), device):
         ref = module.sample(seeds, steps=steps, eta=0.0)

@@ -65,20 +65,21 @@ class SpectraLogger(L.Callback):
         self.every_n_steps, self.n, self.seed, self.steps = every_n_steps, n, seed, steps
         self.ref_n, self.split, self.swd_min_res = ref_n, split, swd_min_res
         self._real: torch.Tensor | None = None
+        self._real_power: torch.Tensor | None = None  # RAPS of the reference, computed once
         self._done = -1
 
     def on_train_start(self, trainer, pl_module) -> None:
         if trainer.is_global_zero:
             self._real = trainer.datamodule.real_images(self.ref_n, split=self.split).float()
+            self._real_power = raps(self._real)[1]
 
     def _measure(self, trainer, pl_module) -> dict[str, float]:
         seeds = list(range(self.seed, self.seed + self.n))
         with torch.no_grad(), trainer.precision_plugin.forward_context():
             x = pl_module.sample(seeds, steps=self.steps)
         x = x.float().clamp(-1, 1).cpu()
-        real = self._real
+        real, p_real = self._real, self._real_power
         f, p_gen = raps(x)
-        _, p_real = raps(real)
         values = {"spectra/distance": spectral_distance(x, real)}
         values |= {f"spectra/power_ratio/{k}": v for k, v in band_ratios(f, p_gen, p_real).items()}
         m = min(len(x), len(real))

@@ -47,7 +47,7 @@ from experiments.chunks import chunk_path, read_chunk, write_chunk  # noqa: F401
 from experiments.eval_options import DEFAULTS, record_name, resolve_options
 from experiments.eval_reference import build_reference, write_panel
 from experiments.sample_batch import auto_batch_size
-from freqdiff.checkpoints import load_run, read_checkpoint, run_folder
+from freqdiff.checkpoints import load_run, run_folder
 from freqdiff.metrics.evaluator import SetStats, bootstrap_spread, compare, quantize
 from freqdiff.metrics.fid import InceptionFeatures, InceptionWeightsNotFound, inception_available
 
@@ -75,8 +75,7 @@ def sampler_settings(
     module, run: str, cfg, steps: int | None, eta: float | None, precision: str | None
 ) -> dict:
     """What the samples depend on besides the seeds: checkpoint step, sampler steps / eta, precision."""
-    ckpt_step = getattr(module, "checkpoint_step", None)  # load_run's; else read it again
-    ckpt_step = int(read_checkpoint(run)["global_step"] if ckpt_step is None else ckpt_step)
+    ckpt_step = int(module.checkpoint_step)  # set by load_run from the checkpoint it read
     return {
         "step": ckpt_step,
         "steps": steps if steps is not None else getattr(module, "sample_steps", None),

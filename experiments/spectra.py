@@ -32,6 +32,7 @@ import torch
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
+from callbacks.spectra import octave_bands
 from freqdiff.analysis import frequency as fq
 from freqdiff.analysis.plots import figure_to_array, plot_raps
 from freqdiff.config import ConfigError, instantiate, load
@@ -76,9 +77,9 @@ def data_figure(x: torch.Tensor) -> Figure:
     return plot_raps(curves, title="data RAPS at several resolutions")
 
 
-def snr_figure(process, x: torch.Tensor) -> Figure:
+def snr_figure(process, x: torch.Tensor, p_data: torch.Tensor) -> Figure:
+    """``p_data``: the RAPS of ``x`` [R]."""
     side = x.shape[-1]
-    _, p_data = raps(x)
     fig = Figure(figsize=(5.5, 4.0), dpi=100)
     FigureCanvasAgg(fig)
     ax = fig.add_subplot(1, 1, 1)
@@ -126,8 +127,11 @@ def chromatography_figure(process) -> Figure:
     return fig
 
 
-def run_figures(module, x: torch.Tensor, n: int, steps: int) -> dict[str, Figure]:
-    """Sample spectra and the empirical chromatography of a trained module (EMA weights)."""
+def run_figures(
+    module, data_power: tuple[torch.Tensor, torch.Tensor], n: int, steps: int, autocast
+) -> dict[str, Figure]:
+    """Sample spectra and the empirical chromatography of a trained module (EMA weights);
+    ``data_power``: (freqs, RAPS) of the data; ``autocast``: the run's precision context."""
     x0_hats: list[torch.Tensor] = []
     times: list[float] = []
 
@@ -135,23 +139,21 @@ def run_figures(module, x: torch.Tensor, n: int, steps: int) -> dict[str, Figure
         x0_hats.append(d["x0_hat"].detach().cpu())
         times.append(float(d["t"]))
 
-    with torch.no_grad():
-        try:
-            samples = module.sample(list(range(n)), steps=steps, callback=record)
-        except TypeError:  # a sampler without a callback
-            samples = module.sample(list(range(n)), steps=steps)
+    with torch.no_grad(), autocast:  # every sampler reports its steps through ``callback``
+        samples = module.sample(list(range(n)), steps=steps, callback=record).float()
     side = samples.shape[-1]
     figs = {
         "sample_spectra": plot_raps(
-            {"data": raps(x), "samples": raps(samples.clamp(-1, 1))}, title="samples vs data"
+            {"data": data_power, "samples": raps(samples.clamp(-1, 1))}, title="samples vs data"
         )
     }
     keep = [i for i, h in enumerate(x0_hats) if h.shape[-1] == side]
     if len(keep) >= 3:
         freqs, emp = fq.change_spectra([x0_hats[i] for i in keep])
         lam = _logsnr(module.process, torch.tensor([times[i] for i in keep]))
-        theory = fq.exact_change_spectra(raps(x)[1], lam)
-        edges = [e for e in (1, 2, 4, 8, 16, 32, 64, 128) if e <= side // 2] + [side // 2 + 1]
+        theory = fq.exact_change_spectra(data_power[1], lam)
+        bands = octave_bands(side // 2)
+        edges = [lo for lo, _ in bands] + [bands[-1][1]]
         e, th = fq.band_curves(emp, freqs, edges), fq.band_curves(theory, freqs, edges)
         fig = Figure(figsize=(6.0, 4.0), dpi=100)
         FigureCanvasAgg(fig)
@@ -182,7 +184,7 @@ def main(argv: list[str] | None = None) -> int:
     a = p.parse_args(argv)
     from torch.utils.tensorboard import SummaryWriter
 
-    from freqdiff.checkpoints import load_run, run_folder
+    from freqdiff.checkpoints import CheckpointError, load_run, run_folder
 
     module = None
     try:
@@ -197,19 +199,29 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as e:
         print(f"config error: {e}", file=sys.stderr)
         return 2
+    except (CheckpointError, FileNotFoundError) as e:  # --run on a folder without a readable checkpoint
+        print(f"spectra: {e}", file=sys.stderr)
+        return 2
     dm.setup("fit")
-    x = dm.real_images(a.n, split="val").double()  # [n, C, H, W] in [-1, 1]
+    try:
+        x = dm.real_images(a.n, split="val").double()  # [n, C, H, W] in [-1, 1]
+    except ValueError as e:  # e.g. more images than the split holds
+        print(f"spectra: --n {a.n}: {e}", file=sys.stderr)
+        return 2
+    data_power = raps(x)
     out.mkdir(parents=True, exist_ok=True)
     writer = SummaryWriter(str(out / "tb"))
     figs = {
         "data_spectra": data_figure(x),
-        "snr": snr_figure(process, x),
+        "snr": snr_figure(process, x, data_power[1]),
         "chromatography": chromatography_figure(process),
     }
     if module is not None:
-        figs.update(
-            run_figures(module.eval(), x, min(a.n, 64), a.steps or getattr(module, "sample_steps", 50))
-        )
+        from experiments.evaluate import autocast_for
+
+        steps = a.steps or getattr(module, "sample_steps", 50)
+        precision = autocast_for(cfg.trainer.get("precision"), module.device)
+        figs.update(run_figures(module.eval(), data_power, min(a.n, 64), steps, precision))
     for name, fig in figs.items():
         print(f"spectra: {_save(fig, out, name, writer)}")
     writer.close()

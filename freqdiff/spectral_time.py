@@ -20,6 +20,7 @@ A pure power-law data set has ρ ≡ 1: the sampler is its base. Needs a process
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import numpy as np
@@ -73,7 +74,7 @@ class SpectrumWeightedTime(ShiftedLogitNormalTime):
             self.spectrum = {"freqs": f[1:].numpy(), "power": p.mean(0)[1:].numpy(), "ratio": ratio.numpy()}
             if path is not None:
                 path.parent.mkdir(parents=True, exist_ok=True)
-                tmp = path.with_suffix(".tmp.npz")
+                tmp = path.parent / f".{path.name}.{os.getpid()}.tmp.npz"  # ranks may write at once
                 np.savez(tmp, **self.spectrum)
                 tmp.replace(path)
         self._cdf = None

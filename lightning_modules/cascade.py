@@ -28,7 +28,6 @@ from freqdiff.checkpoints import LinkedRun
 from freqdiff.config import check_args
 from freqdiff.processes.base import NoiseSource
 from freqdiff.processes.ops import append_dims
-from freqdiff.samplers import sample_ancestral
 from lightning_modules.ddpm import DDPMModule
 
 
@@ -106,7 +105,7 @@ class CascadeModule(DDPMModule):
         eta: float | None = None,
         use_ema: bool = True,
         x_low: Tensor | None = None,  # stage-1 images; None: sampled from the stage-1 run
-        **kw,  # sample_ancestral keywords (callback, clip_x0, ...)
+        **kw,  # DDPMModule.sample keywords (callback, clip_x0, ...)
     ) -> Tensor:
         """[B, C, H, W]: stage 1 (unless ``x_low``), nearest upsample, re-noise at t*, this stage to 0."""
         noise = seeds if isinstance(seeds, NoiseSource) else NoiseSource.from_seeds(seeds, self.device)
@@ -116,8 +115,4 @@ class CascadeModule(DDPMModule):
         t_star = self.handoff(int(x_low.shape[-1]))
         up = F.interpolate(x_low.float().clamp(-1, 1), scale_factor=n, mode="nearest")
         x_start = renoise(self.process, up, t_star, noise)
-        eta = self.sample_eta if eta is None else eta
-        clip_x0 = kw.pop("clip_x0", self.clip_x0)
-        return self.run_sampler(
-            sample_ancestral, noise, steps, use_ema, eta=eta, clip_x0=clip_x0, x=x_start, t_start=t_star, **kw
-        )
+        return super().sample(noise, steps, eta, use_ema, x=x_start, t_start=t_star, **kw)  # from t* to 0

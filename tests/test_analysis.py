@@ -147,7 +147,7 @@ def test_empirical_chromatography_of_the_exact_denoiser_matches_theory():
     """Gaussian data with a power-law spectrum, its exact denoiser, DDIM: the change of x0_hat per
     step, per frequency band, follows P (Δ√s_f)² with s_f = sigmoid(λ + ln P(f))."""
     side, steps = 16, 100
-    r = fq._radius(side, side, torch.device("cpu")).reshape(-1)
+    r = fq.radius_grid(side, side, torch.device("cpu")).reshape(-1)
     p2d = r.clamp(min=1.0) ** -2.0 * 4.0  # P(f) = 4 f^-2 (DC as f = 1): coarse first
     F = fq.dft_matrix(side, side)
     cov = (F.conj().T @ torch.diag(p2d.to(torch.complex128)) @ F).real  # circular-stationary field
@@ -205,10 +205,7 @@ def test_shifted_logit_normal_moves_log_snr_by_ln_pixel_ratio():
 
 
 def _power_law_images(B: int, side: int, seed: int = 0) -> torch.Tensor:
-    r = fq._radius(side, side, torch.device("cpu")).clamp(min=1.0)
-    g = torch.Generator().manual_seed(seed)
-    w = torch.fft.fft2(torch.randn(B, 1, side, side, generator=g, dtype=torch.float64), norm="ortho")
-    return 0.5 * torch.fft.ifft2(w * r**-1.0, norm="ortho").real  # P ∝ f^-2
+    return fq.power_law_field(B, side, scale=0.25, seed=seed)  # P = 0.25 f^-2
 
 
 def test_spectrum_weighted_time_is_its_base_for_power_law_data(tmp_path):

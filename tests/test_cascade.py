@@ -19,10 +19,7 @@ from lightning_modules.cascade import handoff_time, renoise
 
 def _field(B: int, side: int, seed: int = 0) -> torch.Tensor:
     """A stationary Gaussian field with power 4 f^-2 (zero-mean, one channel), [B, 1, side, side]."""
-    r = fq._radius(side, side, torch.device("cpu")).clamp(min=1.0)
-    g = torch.Generator().manual_seed(seed)
-    w = torch.fft.fft2(torch.randn(B, 1, side, side, generator=g, dtype=torch.float64), norm="ortho")
-    return torch.fft.ifft2(w * (4.0 * r**-2.0).sqrt(), norm="ortho").real
+    return fq.power_law_field(B, side, scale=4.0, seed=seed)
 
 
 def test_handoff_time_is_the_pooled_snr_match():

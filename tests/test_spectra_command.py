@@ -39,11 +39,16 @@ def test_spectra_of_an_experiment(tmp_path, capsys):
     assert list((out / "tb").glob("events.out.tfevents.*"))  # the same figures for TensorBoard
 
 
-def test_spectra_bad_keys_are_config_errors(tmp_path, capsys):
+def test_spectra_bad_input_is_one_line_with_exit_2(tmp_path, capsys):
     from experiments.spectra import main
 
     assert main(["quickstart", *_small(tmp_path), "module.nosuchkey=1"]) == 2
     assert "config error" in capsys.readouterr().err
+    (tmp_path / "empty").mkdir()
+    assert main([str(tmp_path / "empty"), "--run"]) == 2  # no checkpoint there
+    assert str(tmp_path / "empty") in capsys.readouterr().err
+    assert main(["quickstart", *_small(tmp_path), "--n", "100000"]) == 2  # more than the val split holds
+    assert "--n 100000" in capsys.readouterr().err
 
 
 def test_spectra_of_a_trained_run(tmp_path):

@@ -36,7 +36,7 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor
 
-from freqdiff.metrics.spectra import KAISER_BETA, _radius, radial_mean, raps
+from freqdiff.metrics.spectra import KAISER_BETA, radial_mean, radius_grid, raps
 from freqdiff.processes.base import NoiseSource, Process
 from freqdiff.processes.linear import ZeroNoise, materialise
 
@@ -50,7 +50,7 @@ def dft_matrix(h: int, w: int) -> Tensor:
 
 def _power_at_radii(power: Tensor | None, h: int, w: int) -> Tensor:
     """A RAPS-like power [R] interpolated at every 2-D frequency of an h×w grid (None: ones) -> [HW]."""
-    r = _radius(h, w, torch.device("cpu")).reshape(-1)
+    r = radius_grid(h, w, torch.device("cpu")).reshape(-1)
     if power is None:
         return torch.ones_like(r)
     p = torch.as_tensor(power, dtype=torch.float64)
@@ -97,6 +97,14 @@ def empirical_spectra(
     freqs, sig = raps(signal, beta=beta)
     _, noi = raps(noise, beta=beta)
     return {"freqs": freqs, "signal": sig, "noise": noi, "snr": sig / noi.clamp_min(1e-300)}
+
+
+def power_law_field(batch: int, side: int, scale: float = 1.0, gamma: float = 2.0, seed: int = 0) -> Tensor:
+    """A circular-stationary Gaussian field of power ``scale f^−γ`` (DC as f = 1), [B, 1, side, side]."""
+    r = radius_grid(side, side, torch.device("cpu")).clamp(min=1.0)
+    g = torch.Generator().manual_seed(seed)
+    w = torch.fft.fft2(torch.randn(batch, 1, side, side, generator=g, dtype=torch.float64), norm="ortho")
+    return torch.fft.ifft2(w * (scale * r**-gamma).sqrt(), norm="ortho").real
 
 
 def nearest_upsampled_noise(batch: int, side: int, b: int, seed: int = 0) -> Tensor:

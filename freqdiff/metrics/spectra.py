@@ -40,7 +40,7 @@ def _window(h: int, w: int, device: torch.device, beta: float = KAISER_BETA) -> 
     return win / win.square().mean().sqrt()
 
 
-def _radius(h: int, w: int, device: torch.device) -> Tensor:
+def radius_grid(h: int, w: int, device: torch.device) -> Tensor:
     """Radius of every FFT sample in cycles per image of the shorter side, float64 [H, W]."""
     m = min(h, w)
     ky = torch.fft.fftfreq(h, d=1.0 / h, dtype=torch.float64, device=device) * (m / h)  # [H]
@@ -102,7 +102,7 @@ def radial_mean(p: Tensor, bins: int | None = None) -> tuple[Tensor, Tensor]:
     n_bins = min(h, w) // 2 + 1 if bins is None else int(bins)
     lead = p.shape[:-2]
     flat = p.to(torch.float64).reshape(-1, h * w)  # [N, HW]
-    r = _radius(h, w, p.device).reshape(-1)  # [HW]
+    r = radius_grid(h, w, p.device).reshape(-1)  # [HW]
     i0 = r.floor().long()  # [HW] lower bin
     frac = r - i0  # [HW] share of the upper bin
     n_acc = max(n_bins, int(i0.max()) + 2)  # accumulate every radius, then keep the first n_bins
@@ -178,6 +178,7 @@ __all__ = [
     "per_frequency_snr",
     "power_spectrum_2d",
     "radial_mean",
+    "radius_grid",
     "raps",
     "spectral_distance",
 ]

@@ -264,9 +264,12 @@ class UNet(nn.Module):
         self.out_norm = group_norm(ch)
         self.out_conv = zero_module(nn.Conv2d(ch, out_channels, 3, padding=1))
         self.checkpoint, self.channels_last = bool(checkpoint), bool(channels_last)
-        self.memory_format = torch.channels_last if channels_last else torch.contiguous_format
         if channels_last:
             self.to(memory_format=torch.channels_last)
+
+    @property
+    def memory_format(self) -> torch.memory_format:
+        return torch.channels_last if self.channels_last else torch.contiguous_format
 
     def run_block(self, block: nn.Module, h: Tensor, emb: Tensor) -> Tensor:
         """``block(h, emb)``, under gradient checkpointing when ``checkpoint`` is on and grads are taken."""
