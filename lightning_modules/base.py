@@ -1,7 +1,10 @@
 """DiffusionModule: what every method shares (docs/architecture.md, "Layers": a method's quirks stay in
 its own files).
 
-Owns the Denoiser, an explicit EMA copy of it, AdamW with linear LR warm-up, and the logging every
+Owns the Denoiser, an explicit EMA copy of it, AdamW with linear LR warm-up and an optional decay
+(``lr_schedule`` cosine or linear to ``lr_final · lr`` at ``lr_decay_steps``, by default the first
+run's ``trainer.max_steps``; the end step is saved in the checkpoint, so resuming with a larger
+``max_steps`` continues at the final LR instead of re-stretching the curve), and the logging every
 method gets (docs/dashboards.md): ``train/loss``, ``train/loss_t{q}`` (per time quartile q = 0..3),
 ``train/lr`` (per param group, ``train/lr/<group>``, if several), ``train/grad_norm``,
 ``perf/img_per_s``, ``perf/kimg``, all of them only on the steps the logger writes (every
@@ -48,7 +51,9 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import math
 import time
+from functools import partial
 
 import lightning as L
 import torch
@@ -57,6 +62,23 @@ from torch import Tensor
 from freqdiff.config import check_args
 from freqdiff.nets.precond import Denoiser
 from freqdiff.rng import derive_seed
+
+LR_SCHEDULES = ("constant", "cosine", "linear")
+
+
+def lr_factor(schedule: str, warmup: int, end: int | None, final: float, step: int) -> float:
+    """The LR of optimiser step ``step`` (0-based) as a fraction of ``lr``: linear warm-up over
+    ``warmup`` steps, then ``constant`` 1, or ``cosine`` / ``linear`` from 1 at the end of the warm-up
+    to ``final`` at step ``end`` and ``final`` after it. A pure function of the step, so a resumed run
+    (Lightning restores the scheduler's step count) continues the same curve."""
+    if warmup and step + 1 < warmup:
+        return (step + 1) / warmup
+    if schedule == "constant" or end is None:
+        return 1.0
+    span = max(end - warmup, 1)
+    u = min(max(step + 1 - warmup, 0) / span, 1.0)  # 0 at the end of the warm-up, 1 at ``end``
+    shape = 0.5 * (1.0 + math.cos(math.pi * u)) if schedule == "cosine" else 1.0 - u
+    return final + (1.0 - final) * shape
 
 
 class DiffusionModule(L.LightningModule):
@@ -67,6 +89,9 @@ class DiffusionModule(L.LightningModule):
         weight_decay: float = 0.0,  # AdamW weight decay
         betas: tuple[float, float] = (0.9, 0.999),  # AdamW betas
         warmup_steps: int = 0,  # linear LR warm-up, in optimiser steps
+        lr_schedule: str = "constant",  # after warm-up: constant | cosine | linear (decay to lr_final)
+        lr_decay_steps: int | None = None,  # step where cosine/linear reach lr_final (None: max_steps)
+        lr_final: float = 0.0,  # the decayed LR as a fraction of lr
         ema_halflife_kimg: float = 500.0,  # EMA half-life in thousands of images
         ema_rampup: float | None = 0.05,  # half-life <= rampup * images seen (None: no warm-up)
         ema_decay: float | None = None,  # fixed per-step EMA decay (e.g. 0.9999); replaces the half-life
@@ -78,6 +103,12 @@ class DiffusionModule(L.LightningModule):
         check_args("a non-negative number", weight_decay=weight_decay, ema_halflife_kimg=ema_halflife_kimg)
         check_args("a non-negative number", allow_none=True, ema_rampup=ema_rampup)
         check_args("a non-negative integer", warmup_steps=warmup_steps)
+        if lr_schedule not in LR_SCHEDULES:
+            choices = ", ".join(map(repr, LR_SCHEDULES))
+            raise ValueError(f"lr_schedule={lr_schedule!r}: expected one of {choices}")
+        check_args("a positive integer", allow_none=True, lr_decay_steps=lr_decay_steps)
+        if not (isinstance(lr_final, (int, float)) and 0.0 <= lr_final <= 1.0):
+            raise ValueError(f"lr_final={lr_final!r}: expected a fraction of lr in [0, 1]")
         check_args("an integer", seed=seed)
         if len(betas) != 2 or not all(isinstance(b, (int, float)) and 0 <= b < 1 for b in betas):
             raise ValueError(f"betas={list(betas)!r}: expected two numbers in [0, 1)")
@@ -101,6 +132,8 @@ class DiffusionModule(L.LightningModule):
             tuple(betas),
             warmup_steps,
         )
+        self.lr_schedule, self.lr_decay_steps, self.lr_final = lr_schedule, lr_decay_steps, float(lr_final)
+        self._lr_decay_end: int | None = None  # the step cosine/linear end at, saved in checkpoints
         self.ema_halflife_kimg, self.ema_rampup, self.ema_decay = ema_halflife_kimg, ema_rampup, ema_decay
         self.seed = int(seed)
         self.register_buffer("nimg", torch.zeros((), dtype=torch.long))  # images seen, all ranks
@@ -277,11 +310,25 @@ class DiffusionModule(L.LightningModule):
             weight_decay=self.weight_decay,
             **({"fused": True} if fused else {"foreach": True}),
         )
-        warm = max(int(self.warmup_steps), 0)
-        sched = torch.optim.lr_scheduler.LambdaLR(
-            opt, lambda step: min(1.0, (step + 1) / warm) if warm else 1.0
-        )
+        end = self.lr_decay_steps or self._lr_decay_end  # explicit, else the first run's max_steps
+        if end is None and self.lr_schedule != "constant":
+            end = getattr(self._trainer, "max_steps", -1) if self._trainer is not None else -1
+            if end is None or end < 0:
+                raise ValueError(
+                    f"module.lr_schedule={self.lr_schedule!r} without module.lr_decay_steps needs "
+                    f"trainer.max_steps, got {end!r}"
+                )
+        self._lr_decay_end = end
+        factor = partial(lr_factor, self.lr_schedule, self.warmup_steps, end, self.lr_final)
+        sched = torch.optim.lr_scheduler.LambdaLR(opt, factor)
         return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
+
+    def on_save_checkpoint(self, checkpoint: dict) -> None:
+        if self._lr_decay_end is not None:  # a resumed run with more max_steps keeps this curve
+            checkpoint["lr_decay_end"] = int(self._lr_decay_end)
+
+    def on_load_checkpoint(self, checkpoint: dict) -> None:
+        self._lr_decay_end = checkpoint.get("lr_decay_end")
 
     def configure_gradient_clipping(self, optimizer, gradient_clip_val=None, gradient_clip_algorithm=None):
         """Lightning's clipping, done here for the fused AdamW, which Lightning refuses to clip for

@@ -36,6 +36,8 @@ BAD = {
     "net-misspelled-keyword": (["+module.net.bogus=1"], ["module.net", "bogus"]),
     "module-misspelled-keyword": (["+module.lrr=1"], ["module.lrr", "did you mean 'lr'"]),
     "constructor-value-error": (["+module.ema_decay=2"], ["module.ema_decay", "2", "[0, 1)"]),
+    "lr-schedule": (["+module.lr_schedule=step"], ["module.lr_schedule", "step", "'cosine'"]),
+    "lr-final": (["+module.lr_final=2"], ["module.lr_final", "2", "[0, 1]"]),
     "warmup-negative": (["module.warmup_steps=-1"], ["module.warmup_steps", "-1"]),
     "halflife-negative": (["module.ema_halflife_kimg=-1"], ["module.ema_halflife_kimg", "-1"]),
     "samples-every-negative": (

@@ -12,6 +12,7 @@ import torch
 from experiments.runner import run
 from freqdiff.checkpoints import load_run
 from freqdiff.config import ConfigError, load
+from lightning_modules.base import lr_factor
 
 
 def tiny_overrides(tmp_path: Path, **extra) -> list[str]:
@@ -121,3 +122,38 @@ def test_crash_keeps_a_resumable_checkpoint(tmp_path, monkeypatch):
     probe = Probe()
     run(load("quickstart", over), callbacks=[probe])
     assert probe.start_step == 3
+
+
+def test_lr_schedule_formula():
+    # warm-up 10 steps, then cosine from 1 to 0.1 at step 110 (the factor of 0-based step s is at s + 1)
+    f = [lr_factor("cosine", 10, 110, 0.1, s) for s in (0, 4, 9, 59, 109, 500)]
+    assert f == pytest.approx([0.1, 0.5, 1.0, 0.1 + 0.9 * 0.5, 0.1, 0.1])
+    assert [lr_factor("linear", 0, 100, 0.0, s) for s in (24, 49, 99, 150)] == pytest.approx(
+        [0.75, 0.5, 0, 0]
+    )
+    assert [lr_factor("constant", 4, None, 0.0, s) for s in (0, 3, 10**6)] == [0.25, 1.0, 1.0]
+
+
+class LRProbe(L.Callback):
+    def __init__(self):
+        self.lrs = {}
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        self.lrs[trainer.global_step] = trainer.optimizers[0].param_groups[0]["lr"]
+
+
+def test_lr_decay_in_a_run_and_its_resume(tmp_path, monkeypatch):
+    """The optimiser's LR follows the curve to the first run's max_steps; a resume with more steps
+    continues at the final LR (the end step is in the checkpoint), not on a re-stretched curve."""
+    monkeypatch.chdir(tmp_path)
+    extra = {"+module.lr_schedule": "linear", "+module.lr_final": 0.25, "module.warmup_steps": 0}
+    probe = LRProbe()
+    run(load("quickstart", tiny_overrides(tmp_path, **extra)), callbacks=[probe])
+    lr = 1e-3
+    # step s trains with the factor at u = (s + 1) / 4: the last step of the curve is at lr_final
+    assert probe.lrs == pytest.approx({0: lr * 0.8125, 1: lr * 0.625, 2: lr * 0.4375, 3: lr * 0.25})
+    ckpt = tmp_path / "runs" / "quickstart" / "default" / "checkpoints" / "last.ckpt"
+    assert torch.load(ckpt, weights_only=False)["lr_decay_end"] == 4
+    probe2 = LRProbe()
+    run(load("quickstart", tiny_overrides(tmp_path, **extra, **{"trainer.max_steps": 6})), callbacks=[probe2])
+    assert probe2.lrs == pytest.approx({4: lr * 0.25, 5: lr * 0.25})
