@@ -61,7 +61,8 @@ def test_run_hparams_are_the_configs_settings_as_flat_scalars():
     assert (hp["module.net"], hp["module.net.preset"]) == ("unet", "tiny")
     assert (hp["data.path"], hp["data.resolution"], hp["data.batch_size"]) == ("data/deadleaves16", 16, 32)
     assert (hp["module.lr"], hp["module.warmup_steps"], hp["module.ema_halflife_kimg"]) == (1e-3, 100, 5.0)
-    assert (hp["run.seed"], hp["trainer.max_steps"], hp["trainer.precision"]) == (0, 1000, "auto")
+    assert (hp["module.lr_schedule"], hp["module.lr_decay_steps"]) == ("cosine", "none")
+    assert (hp["run.seed"], hp["trainer.max_steps"], hp["trainer.precision"]) == (0, 4000, "auto")
     assert (hp["world_size"], hp["global_batch"]) == (1, 32)
     # defaults of the targets' signatures, for what the config leaves out; None and lists as text
     assert (hp["module.sigma_data"], hp["module.process.shift"], hp["module.ema_decay"]) == (0.5, 1.0, "none")

@@ -21,7 +21,8 @@ from PIL import Image
 
 from experiments.compare import flags
 from experiments.matrix import load_plan, run_matrix
-from freqdiff.config import ConfigError
+from experiments.pipeline import is_pipeline
+from freqdiff.config import ConfigError, load
 from freqdiff.metrics.evaluator import spectral_distance_from_raps
 
 REPO = Path(__file__).resolve().parents[1]
@@ -88,6 +89,18 @@ def test_plan_names_fixed_folders_and_refuses_bad_cells(tmp_path):
     # the shipped matrix files load
     for f in sorted((REPO / "experiments" / "matrices").glob("*.yaml")):
         assert load_plan(str(f), root=tmp_path / "shipped").cells
+
+
+def test_default_comparison_gives_every_network_one_recipe(tmp_path):
+    """quickstart.yaml alone decays its lr over 4000 steps; in `make exp` every single-stage cell trains
+    1000 steps of batch 32 at a constant lr 1e-3 (the two-stage cells split the same steps)."""
+    plan = load_plan(str(REPO / "experiments" / "matrices" / "quickstart.yaml"), root=tmp_path)
+    single = [c for c in plan.cells if not is_pipeline(c.experiment)]
+    assert {c.name for c in single} == {"ddpm-s0", "edm-s0", "blur-s0", "ssd-s0"}
+    for c in single:
+        cfg = load(c.experiment, c.overrides)
+        recipe = (cfg.trainer.max_steps, cfg.data.batch_size, cfg.module.lr, cfg.module.get("lr_schedule"))
+        assert recipe[:3] == (1000, 32, 1e-3) and recipe[3] in (None, "constant"), (c.name, recipe)
 
 
 def test_matrix_runs_skips_done_cells_and_reports_a_failing_one(tmp_path):
