@@ -128,7 +128,8 @@ def bench_case(name: str, extra: list[str], steps: int, segments: int = SEGMENTS
     from freqdiff.config import load
 
     with tempfile.TemporaryDirectory() as tmp:
-        overrides = [*extra, f"data.path={Path(tmp) / 'data'}"]
+        # constant lr: the bare arm has no trainer whose max_steps would end quickstart.yaml's cosine
+        overrides = [*extra, "module.lr_schedule=constant", f"data.path={Path(tmp) / 'data'}"]
         bare = bare_arm(load("quickstart", [*overrides, f"run.root={tmp}/bare"]), steps)
         fw = framework_arm(overrides, Path(tmp) / "runs", steps)
         times: dict[str, list[float]] = {"bare": [], "framework": []}

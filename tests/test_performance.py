@@ -99,7 +99,10 @@ def test_channels_last_is_the_same_function_in_nhwc():
 def quick_module(tmp_path, **extra):
     from freqdiff.config import instantiate, load
 
-    cfg = load("quickstart", ["data.resolution=16", f"run.root={tmp_path}", "module.net.preset=tiny"])
+    # lr_decay_steps given: the module builds its optimiser without a trainer's max_steps
+    over = ["data.resolution=16", f"run.root={tmp_path}", "module.net.preset=tiny"]
+    over.append("+module.lr_decay_steps=1000")
+    cfg = load("quickstart", over)
     for k, v in extra.items():
         cfg.module[k] = v
     torch.manual_seed(0)
